@@ -1,0 +1,72 @@
+//! `keyward.v1.CheckService`: the data plane for services that call keyward
+//! directly.
+
+use std::net::IpAddr;
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    reason_pb,
+    status::{ApiError, store_status},
+};
+use crate::{checker::Checker, key::Invalid, pb, policy};
+
+#[derive(Debug, Clone)]
+pub struct CheckApi {
+    checker: Checker,
+}
+
+impl CheckApi {
+    pub fn new(checker: Checker) -> Self {
+        Self { checker }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::check_service_server::CheckService for CheckApi {
+    async fn check(
+        &self,
+        request: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let req = request.into_inner();
+        let client_ip = match req.client_ip.as_str() {
+            "" => None,
+            ip => Some(ip.parse::<IpAddr>().map_err(|_| {
+                ApiError::invalid("client_ip", Invalid::new("is not an IP address"))
+            })?),
+        };
+        let scopes: Vec<&str> = req.required_scopes.iter().map(String::as_str).collect();
+        let policy_req = policy::Request {
+            resource: Some(req.resource.as_str()).filter(|r| !r.is_empty()),
+            required_scopes: &scopes,
+            client_ip,
+        };
+        let outcome = self
+            .checker
+            .check(Some(&req.key), &policy_req)
+            .await
+            .map_err(|err| store_status(&err))?;
+
+        let decision = outcome.decision;
+        let mut resp = pb::CheckResponse {
+            allowed: decision.allowed(),
+            reason: reason_pb(decision.reason).into(),
+            http_status: decision.reason.http_status().into(),
+            message: decision.message.into_owned(),
+            ..Default::default()
+        };
+        if let Some(key) = outcome.key {
+            resp.key_id = key.id.to_string();
+            resp.owner_id = key.owner_id.to_string();
+            if resp.allowed {
+                resp.scopes = key.scopes.iter().map(ToString::to_string).collect();
+                resp.metadata = key
+                    .metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+            }
+        }
+        Ok(Response::new(resp))
+    }
+}

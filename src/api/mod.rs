@@ -1,0 +1,112 @@
+//! gRPC handlers. They translate between the wire and the domain; the
+//! decision lives in `policy`, persistence in `store`, and error mapping in
+//! `status`.
+
+pub mod admin;
+pub mod check;
+pub mod status;
+
+use chrono::{DateTime, Utc};
+
+use crate::{
+    key::{KeyRecord, KeyState},
+    pb,
+    policy::Reason,
+};
+
+pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        // Always below 2e9, so it fits.
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// `None` when the timestamp is outside what chrono can represent.
+pub(crate) fn datetime(ts: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    let nanos = u32::try_from(ts.nanos).ok()?;
+    DateTime::from_timestamp(ts.seconds, nanos)
+}
+
+/// A key as the admin plane shows it: no secret, no hash.
+pub(crate) fn api_key(key: &KeyRecord, now: DateTime<Utc>) -> pb::ApiKey {
+    let state = match key.state_at(now) {
+        KeyState::Active => pb::api_key::State::Active,
+        KeyState::Disabled => pb::api_key::State::Disabled,
+        KeyState::Revoked => pb::api_key::State::Revoked,
+        KeyState::Expired => pb::api_key::State::Expired,
+    };
+    pb::ApiKey {
+        id: key.id.to_string(),
+        owner_id: key.owner_id.to_string(),
+        name: key.name.clone(),
+        description: key.description.clone(),
+        prefix: key.prefix.clone(),
+        start: key.start.clone(),
+        scopes: key.scopes.iter().map(ToString::to_string).collect(),
+        resources: key.resources.iter().map(ToString::to_string).collect(),
+        ip_allow: key.ip_allow.iter().map(ToString::to_string).collect(),
+        metadata: key
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        state: state.into(),
+        created_at: Some(timestamp(key.created_at)),
+        expires_at: key.expires_at.map(timestamp),
+        revoked_at: key.revoked_at.map(timestamp),
+        last_used_at: key.last_used_at.map(timestamp),
+        disabled_at: key.disabled_at.map(timestamp),
+        revoked_reason: key.revoked_reason.clone().unwrap_or_default(),
+    }
+}
+
+pub(crate) fn reason_pb(reason: Reason) -> pb::Reason {
+    match reason {
+        Reason::Ok => pb::Reason::Ok,
+        Reason::MissingKey => pb::Reason::MissingKey,
+        Reason::MalformedKey => pb::Reason::MalformedKey,
+        Reason::UnknownKey => pb::Reason::UnknownKey,
+        Reason::Revoked => pb::Reason::Revoked,
+        Reason::Expired => pb::Reason::Expired,
+        Reason::Disabled => pb::Reason::Disabled,
+        Reason::OwnerInactive => pb::Reason::OwnerInactive,
+        Reason::IpForbidden => pb::Reason::IpForbidden,
+        Reason::ResourceForbidden => pb::Reason::ResourceForbidden,
+        Reason::ScopeMissing => pb::Reason::ScopeMissing,
+        Reason::RateLimited => pb::Reason::RateLimited,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip() {
+        let now = Utc::now();
+        assert_eq!(datetime(&timestamp(now)), Some(now));
+        let absurd = prost_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: 0,
+        };
+        assert_eq!(datetime(&absurd), None);
+        let negative_nanos = prost_types::Timestamp {
+            seconds: 0,
+            nanos: -1,
+        };
+        assert_eq!(datetime(&negative_nanos), None);
+    }
+
+    #[test]
+    fn wire_reasons_carry_the_same_names() {
+        for reason in [
+            Reason::Ok,
+            Reason::UnknownKey,
+            Reason::ScopeMissing,
+            Reason::RateLimited,
+        ] {
+            assert_eq!(reason_pb(reason).as_str_name(), reason.as_str());
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The one place where errors become `tonic::Status`. Clients get a short,
+//! stable message; for internal errors the cause chain goes to the log, once,
+//! and the client gets an opaque message.
+
+use std::{borrow::Cow, fmt::Write as _};
+
+use tonic::{Code, Status};
+
+use crate::{key::Invalid, policy::Reason, store::StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A request field is unacceptable; the message names it.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        field: Cow<'static, str>,
+        reason: Invalid,
+    },
+    #[error("{field}: {what}")]
+    NotFound {
+        field: &'static str,
+        what: &'static str,
+    },
+    #[error("{0}")]
+    Unauthenticated(Cow<'static, str>),
+    #[error("{0}")]
+    PermissionDenied(Cow<'static, str>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<Cow<'static, str>>, reason: Invalid) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason,
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Self {
+        match err {
+            ApiError::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
+            ApiError::NotFound { .. } => Status::not_found(err.to_string()),
+            ApiError::Unauthenticated(msg) => Status::unauthenticated(msg),
+            ApiError::PermissionDenied(msg) => Status::permission_denied(msg),
+            ApiError::Store(err) => store_status(&err),
+        }
+    }
+}
+
+/// A store failure seen by a client: `UNAVAILABLE` when retrying may help,
+/// `INTERNAL` otherwise. `NotFound` is mapped by callers, who know the field.
+pub fn store_status(err: &StoreError) -> Status {
+    match err {
+        StoreError::Unavailable(_) => {
+            tracing::warn!(error = %chain(err), "store unavailable");
+            Status::unavailable("key store unavailable; retry later")
+        }
+        _ => {
+            tracing::error!(error = %chain(err), "internal error");
+            Status::internal("internal error")
+        }
+    }
+}
+
+/// The gRPC code matching a decision (DESIGN.md's table), as carried by
+/// Envoy's `CheckResponse.status` and by refused admin calls.
+pub fn reason_code(reason: Reason) -> Code {
+    match reason.http_status() {
+        200 => Code::Ok,
+        401 => Code::Unauthenticated,
+        429 => Code::ResourceExhausted,
+        _ => Code::PermissionDenied,
+    }
+}
+
+/// `err: cause: cause`, for one log line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let _ = write!(out, ": {cause}");
+        source = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_arguments_name_the_field() {
+        let status = Status::from(ApiError::invalid("owner_id", Invalid::new("is required")));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "owner_id: is required");
+    }
+
+    #[test]
+    fn internal_errors_are_opaque() {
+        let status = store_status(&StoreError::Corrupt("key 123: hash length".into()));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn decisions_map_to_the_design_codes() {
+        assert_eq!(reason_code(Reason::Ok), Code::Ok);
+        assert_eq!(reason_code(Reason::Revoked), Code::Unauthenticated);
+        assert_eq!(reason_code(Reason::ScopeMissing), Code::PermissionDenied);
+        assert_eq!(reason_code(Reason::RateLimited), Code::ResourceExhausted);
+    }
+}

@@ -1,0 +1,169 @@
+//! Every setting: command-line flags with environment fallbacks. Nothing else
+//! in the crate reads the environment.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{cache::CacheSettings, key::KeyPrefix, store::DbOptions};
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "keyward", version, about = "API-key authorization service")]
+pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// PostgreSQL connection URL; the database is created if it is missing.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/keyward",
+        hide_env_values = true,
+        global = true
+    )]
+    pub database_url: String,
+
+    /// Most connections this process holds to PostgreSQL.
+    #[arg(
+        long,
+        env = "KEYWARD_DB_MAX_CONNECTIONS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub db_max_connections: u32,
+
+    /// How long a query waits for a database connection before the store is
+    /// reported unavailable (bounds a cache miss while the database is down).
+    #[arg(long, env = "KEYWARD_DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
+    pub db_acquire_timeout: Duration,
+
+    /// Address of the gRPC server (admin, check, Envoy ext_authz, health, reflection).
+    #[arg(
+        long,
+        env = "KEYWARD_GRPC_ADDR",
+        default_value = "0.0.0.0:50051",
+        global = true
+    )]
+    pub grpc_addr: SocketAddr,
+
+    /// Prefix of minted keys when a Mint call does not choose one.
+    #[arg(long, env = "KEYWARD_KEY_PREFIX", default_value = "kw_live", value_parser = parse_prefix, global = true)]
+    pub key_prefix: KeyPrefix,
+
+    /// Known keys held in memory.
+    #[arg(
+        long,
+        env = "KEYWARD_CACHE_CAPACITY",
+        default_value_t = 1_000_000,
+        global = true
+    )]
+    pub cache_capacity: u64,
+
+    /// How long a known key is answered from memory before it is re-read.
+    #[arg(long, env = "KEYWARD_CACHE_TTL", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
+    pub cache_ttl: Duration,
+
+    /// Unknown keys remembered as unknown (separate, so they cannot evict known keys).
+    #[arg(
+        long,
+        env = "KEYWARD_NEGATIVE_CACHE_CAPACITY",
+        default_value_t = 100_000,
+        global = true
+    )]
+    pub negative_cache_capacity: u64,
+
+    /// How long an unknown key is remembered as unknown.
+    #[arg(long, env = "KEYWARD_NEGATIVE_CACHE_TTL", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
+    pub negative_cache_ttl: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight calls may finish before the
+    /// process exits anyway. Keep it below Kubernetes' terminationGracePeriodSeconds.
+    #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration, global = true)]
+    pub shutdown_grace: Duration,
+
+    /// Log output: human-readable or one JSON object per line.
+    #[arg(long, env = "KEYWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty, global = true)]
+    pub log_format: LogFormat,
+
+    /// Log filter, in `tracing` EnvFilter syntax (e.g. `info,keyward=debug`).
+    #[arg(
+        long,
+        env = "RUST_LOG",
+        default_value = "info,sqlx=warn",
+        global = true
+    )]
+    pub log_filter: String,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Create the database if missing, apply migrations, and exit.
+    Migrate,
+    /// Write an admin key (scope keyward:admin) straight to the database and
+    /// print it once, alone on the last line of standard output.
+    Bootstrap {
+        /// The owner (account id) of the admin key.
+        #[arg(long)]
+        owner: String,
+        /// A name for the key, shown in listings.
+        #[arg(long, default_value = "bootstrap admin key")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+fn parse_prefix(s: &str) -> Result<KeyPrefix, String> {
+    KeyPrefix::parse(s).map_err(|e| format!("key prefix {e}"))
+}
+
+impl Config {
+    pub fn db(&self) -> DbOptions {
+        DbOptions {
+            url: self.database_url.clone(),
+            max_connections: self.db_max_connections,
+            acquire_timeout: self.db_acquire_timeout,
+        }
+    }
+
+    pub fn cache(&self) -> CacheSettings {
+        CacheSettings {
+            capacity: self.cache_capacity,
+            ttl: self.cache_ttl,
+            negative_capacity: self.negative_cache_capacity,
+            negative_ttl: self.negative_cache_ttl,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_accepted_before_or_after_the_subcommand() {
+        let c = Config::try_parse_from(["keyward", "serve", "--grpc-addr", "127.0.0.1:0"]).unwrap();
+        assert_eq!(c.grpc_addr.port(), 0);
+        let c = Config::try_parse_from(["keyward", "--key-prefix", "kw_test", "migrate"]).unwrap();
+        assert_eq!(c.key_prefix.as_str(), "kw_test");
+        assert!(matches!(c.command, Some(Command::Migrate)));
+    }
+
+    #[test]
+    fn a_bad_prefix_is_refused_at_startup() {
+        let err = Config::try_parse_from(["keyward", "--key-prefix", "KW"]).unwrap_err();
+        assert!(err.to_string().contains("key prefix"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        let c = Config::try_parse_from(["keyward", "--cache-ttl", "1m 30s"]).unwrap();
+        assert_eq!(c.cache_ttl, Duration::from_secs(90));
+    }
+}

@@ -1,0 +1,14 @@
+//! The key domain, free of I/O: the key format and its checksum, hashing, the
+//! display hint, and the parse-don't-validate newtypes the rest of the crate
+//! passes around instead of raw strings.
+//!
+//! Nothing in this module that holds a secret can print it: [`ApiKey`]'s
+//! `Debug` shows only the display hint, and it has no `Display`.
+
+mod fields;
+mod record;
+mod secret;
+
+pub use fields::{Invalid, KeyId, Metadata, Network, OwnerId, Resource, Scope};
+pub use record::{KeyRecord, KeyState, NewKey};
+pub use secret::{ApiKey, KeyFormatError, KeyHash, KeyPrefix};

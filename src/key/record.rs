@@ -1,0 +1,95 @@
+use chrono::{DateTime, Utc};
+
+use super::{ApiKey, KeyHash, KeyId, KeyPrefix, Metadata, Network, OwnerId, Resource, Scope};
+
+/// Everything known about a stored key except its secret, which is never
+/// stored. The decision is a pure function of this record and the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: KeyId,
+    pub hash: KeyHash,
+    pub prefix: String,
+    pub start: String,
+    pub owner_id: OwnerId,
+    pub name: String,
+    pub description: String,
+    pub scopes: Vec<Scope>,
+    /// Empty: every resource.
+    pub resources: Vec<Resource>,
+    /// Empty: any client address.
+    pub ip_allow: Vec<Network>,
+    pub metadata: Metadata,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub disabled_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub revoked_reason: Option<String>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// A key's lifecycle state at a moment, in the order the decision checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    Revoked,
+    Expired,
+    Disabled,
+}
+
+impl KeyRecord {
+    pub fn state_at(&self, now: DateTime<Utc>) -> KeyState {
+        if self.revoked_at.is_some() {
+            KeyState::Revoked
+        } else if self.expires_at.is_some_and(|at| at <= now) {
+            KeyState::Expired
+        } else if self.disabled_at.is_some() {
+            KeyState::Disabled
+        } else {
+            KeyState::Active
+        }
+    }
+
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s.as_str() == scope)
+    }
+}
+
+/// A key about to be stored: validated fields plus the hash of its secret.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub id: KeyId,
+    pub hash: KeyHash,
+    pub prefix: String,
+    pub start: String,
+    pub owner_id: OwnerId,
+    pub name: String,
+    pub description: String,
+    pub scopes: Vec<Scope>,
+    pub resources: Vec<Resource>,
+    pub ip_allow: Vec<Network>,
+    pub metadata: Metadata,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl NewKey {
+    /// Draws a fresh secret and the row that will store only its hash. The
+    /// optional fields start empty: no name, scopes or limits, no expiry.
+    pub fn generate(prefix: &KeyPrefix, owner_id: OwnerId) -> (ApiKey, NewKey) {
+        let secret = ApiKey::generate(prefix);
+        let new_key = NewKey {
+            id: KeyId::new_v7(),
+            hash: secret.hash(),
+            prefix: secret.prefix().to_owned(),
+            start: secret.start().to_owned(),
+            owner_id,
+            name: String::new(),
+            description: String::new(),
+            scopes: Vec::new(),
+            resources: Vec::new(),
+            ip_allow: Vec::new(),
+            metadata: Metadata::default(),
+            expires_at: None,
+        };
+        (secret, new_key)
+    }
+}

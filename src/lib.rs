@@ -1,0 +1,33 @@
+//! keyward: an API-key authorization service.
+//!
+//! It mints, lists and revokes API keys, stores only their SHA-256, and
+//! answers "may this key do this?" from memory for Envoy's `ext_authz` filter
+//! and for services that call it directly.
+//!
+//! # Layout
+//!
+//! - [`config`] — every setting, as flags with environment fallbacks.
+//! - [`startup`] — [`startup::Application`] wires the gRPC services; `main`
+//!   and the tests both run it.
+//! - [`key`] — the key format, checksum, hash and field newtypes; no I/O.
+//! - [`store`] — PostgreSQL through sqlx, the only place sqlx errors are
+//!   translated.
+//! - [`cache`] — moka caches of key records by hash, and their invalidation.
+//! - [`policy`] — the decision, a pure function of a key record and a request.
+//! - [`checker`] — the hot path tying parse, hash, cache, store and policy.
+//! - [`api`] — gRPC handlers; [`api::status`] is the only place errors become
+//!   `tonic::Status`.
+//! - [`pb`] — code generated from `proto/`.
+//! - [`telemetry`] — logging.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cache;
+pub mod checker;
+pub mod config;
+pub mod key;
+pub mod pb;
+pub mod policy;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,36 @@
+//! Code generated from `proto/keyward/v1/*.proto` by `build.rs`.
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod keyward {
+    pub mod v1 {
+        tonic::include_proto!("keyward.v1");
+    }
+}
+
+pub use keyward::v1::*;
+
+/// Descriptors of keyward's services and messages, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/keyward_descriptor.bin"));
+
+// Messages that carry a plaintext key print everything but the key.
+
+impl std::fmt::Debug for MintResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MintResponse")
+            .field("key", &self.key)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for CheckRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckRequest")
+            .field("key", &"<redacted>")
+            .field("resource", &self.resource)
+            .field("required_scopes", &self.required_scopes)
+            .field("client_ip", &self.client_ip)
+            .finish()
+    }
+}

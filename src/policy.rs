@@ -1,0 +1,309 @@
+//! The decision: a pure function of the key record, the request and the time.
+//! Both front doors (`CheckService.Check`, Envoy's `Authorization.Check`) and
+//! the admin plane's own authorization go through it.
+
+use std::{borrow::Cow, net::IpAddr};
+
+use chrono::{DateTime, Utc};
+
+use crate::key::{KeyRecord, KeyState};
+
+/// Why a check was allowed or denied. The variants are listed in the order a
+/// check evaluates them; the first failure wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    MissingKey,
+    MalformedKey,
+    UnknownKey,
+    Revoked,
+    Expired,
+    Disabled,
+    OwnerInactive,
+    IpForbidden,
+    ResourceForbidden,
+    ScopeMissing,
+    RateLimited,
+    Ok,
+}
+
+impl Reason {
+    pub fn is_allowed(self) -> bool {
+        self == Reason::Ok
+    }
+
+    /// The HTTP status an HTTP front door answers with (DESIGN.md's table).
+    pub fn http_status(self) -> u16 {
+        match self {
+            Reason::Ok => 200,
+            Reason::MissingKey
+            | Reason::MalformedKey
+            | Reason::UnknownKey
+            | Reason::Revoked
+            | Reason::Expired
+            | Reason::Disabled => 401,
+            Reason::OwnerInactive
+            | Reason::IpForbidden
+            | Reason::ResourceForbidden
+            | Reason::ScopeMissing => 403,
+            Reason::RateLimited => 429,
+        }
+    }
+
+    /// The wire name, as in the proto enum and deny bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Ok => "OK",
+            Reason::MissingKey => "MISSING_KEY",
+            Reason::MalformedKey => "MALFORMED_KEY",
+            Reason::UnknownKey => "UNKNOWN_KEY",
+            Reason::Revoked => "REVOKED",
+            Reason::Expired => "EXPIRED",
+            Reason::Disabled => "DISABLED",
+            Reason::OwnerInactive => "OWNER_INACTIVE",
+            Reason::IpForbidden => "IP_FORBIDDEN",
+            Reason::ResourceForbidden => "RESOURCE_FORBIDDEN",
+            Reason::ScopeMissing => "SCOPE_MISSING",
+            Reason::RateLimited => "RATE_LIMITED",
+        }
+    }
+
+    fn default_message(self) -> &'static str {
+        match self {
+            Reason::Ok => "allowed",
+            Reason::MissingKey => "no API key was presented",
+            Reason::MalformedKey => "the API key is malformed",
+            Reason::UnknownKey => "the API key is not valid",
+            Reason::Revoked => "the API key has been revoked",
+            Reason::Expired => "the API key has expired",
+            Reason::Disabled => "the API key is disabled",
+            Reason::OwnerInactive => "the account that owns the API key is inactive",
+            Reason::IpForbidden => "the API key may not be used from this address",
+            Reason::ResourceForbidden => "the API key is not valid for this resource",
+            Reason::ScopeMissing => "the API key lacks a required scope",
+            Reason::RateLimited => "the API key is over its rate limit",
+        }
+    }
+}
+
+/// The outcome of a check: the reason and a message fit for the caller
+/// (it never contains a key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub reason: Reason,
+    pub message: Cow<'static, str>,
+}
+
+impl Decision {
+    pub fn new(reason: Reason) -> Self {
+        Self {
+            reason,
+            message: Cow::Borrowed(reason.default_message()),
+        }
+    }
+
+    fn with_message(reason: Reason, message: String) -> Self {
+        Self {
+            reason,
+            message: Cow::Owned(message),
+        }
+    }
+
+    pub fn allowed(&self) -> bool {
+        self.reason.is_allowed()
+    }
+}
+
+/// What is being asked of a known key.
+#[derive(Debug, Clone, Default)]
+pub struct Request<'a> {
+    /// The API or resource called; `None` when the caller names none.
+    pub resource: Option<&'a str>,
+    /// All of these must be held.
+    pub required_scopes: &'a [&'a str],
+    pub client_ip: Option<IpAddr>,
+}
+
+/// Decides for a key that exists. Credential presence, format and existence
+/// (MISSING_KEY, MALFORMED_KEY, UNKNOWN_KEY) are settled before a record can
+/// be looked up, so they are not evaluated here.
+pub fn decide(key: &KeyRecord, req: &Request<'_>, now: DateTime<Utc>) -> Decision {
+    match key.state_at(now) {
+        KeyState::Revoked => return Decision::new(Reason::Revoked),
+        KeyState::Expired => return Decision::new(Reason::Expired),
+        KeyState::Disabled => return Decision::new(Reason::Disabled),
+        KeyState::Active => {}
+    }
+    if !key.ip_allow.is_empty() {
+        // An IPv4 client seen through an IPv6 socket must match IPv4 blocks.
+        let allowed = req
+            .client_ip
+            .map(|ip| ip.to_canonical())
+            .is_some_and(|ip| key.ip_allow.iter().any(|net| net.contains(&ip)));
+        if !allowed {
+            return Decision::new(Reason::IpForbidden);
+        }
+    }
+    if !key.resources.is_empty() {
+        // A key limited to resources fails closed when the caller names none.
+        let allowed = req
+            .resource
+            .is_some_and(|r| key.resources.iter().any(|k| k.as_str() == r));
+        if !allowed {
+            return Decision::new(Reason::ResourceForbidden);
+        }
+    }
+    if let Some(missing) = req.required_scopes.iter().find(|s| !key.has_scope(s)) {
+        return Decision::with_message(
+            Reason::ScopeMissing,
+            format!("the API key lacks the required scope {missing}"),
+        );
+    }
+    Decision::new(Reason::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Duration;
+
+    use super::*;
+    use crate::key::{ApiKey, KeyId, KeyPrefix, Metadata, Network, OwnerId, Resource, Scope};
+
+    fn record() -> KeyRecord {
+        let key = ApiKey::generate(&KeyPrefix::parse("kw_test").unwrap());
+        KeyRecord {
+            id: KeyId::new_v7(),
+            hash: key.hash(),
+            prefix: key.prefix().to_owned(),
+            start: key.start().to_owned(),
+            owner_id: OwnerId::parse("acme").unwrap(),
+            name: String::new(),
+            description: String::new(),
+            scopes: vec![Scope::parse("orders:read").unwrap()],
+            resources: vec![],
+            ip_allow: vec![],
+            metadata: Metadata::default(),
+            created_at: Utc::now(),
+            expires_at: None,
+            disabled_at: None,
+            revoked_at: None,
+            revoked_reason: None,
+            last_used_at: None,
+        }
+    }
+
+    fn reason(key: &KeyRecord, req: &Request<'_>) -> Reason {
+        decide(key, req, Utc::now()).reason
+    }
+
+    #[test]
+    fn an_active_key_with_no_restrictions_is_allowed() {
+        assert_eq!(reason(&record(), &Request::default()), Reason::Ok);
+    }
+
+    #[test]
+    fn lifecycle_states_deny_in_table_order() {
+        let now = Utc::now();
+        let mut key = record();
+        key.disabled_at = Some(now);
+        assert_eq!(reason(&key, &Request::default()), Reason::Disabled);
+        key.expires_at = Some(now - Duration::seconds(1));
+        assert_eq!(reason(&key, &Request::default()), Reason::Expired);
+        key.revoked_at = Some(now);
+        assert_eq!(reason(&key, &Request::default()), Reason::Revoked);
+    }
+
+    #[test]
+    fn a_key_is_valid_until_its_expiry_instant() {
+        let now = Utc::now();
+        let mut key = record();
+        key.expires_at = Some(now + Duration::seconds(1));
+        assert_eq!(decide(&key, &Request::default(), now).reason, Reason::Ok);
+        assert_eq!(
+            decide(&key, &Request::default(), now + Duration::seconds(1)).reason,
+            Reason::Expired
+        );
+    }
+
+    #[test]
+    fn ip_allow_list_matches_blocks_and_mapped_addresses() {
+        let mut key = record();
+        key.ip_allow = vec![Network::parse("10.0.0.0/8").unwrap()];
+        let from = |ip: &str| Request {
+            client_ip: Some(ip.parse().unwrap()),
+            ..Request::default()
+        };
+        assert_eq!(reason(&key, &from("10.1.2.3")), Reason::Ok);
+        assert_eq!(reason(&key, &from("::ffff:10.1.2.3")), Reason::Ok);
+        assert_eq!(reason(&key, &from("192.0.2.1")), Reason::IpForbidden);
+        assert_eq!(reason(&key, &Request::default()), Reason::IpForbidden);
+    }
+
+    #[test]
+    fn resource_limits_fail_closed() {
+        let mut key = record();
+        key.resources = vec![Resource::parse("billing").unwrap()];
+        let on = |r| Request {
+            resource: Some(r),
+            ..Request::default()
+        };
+        assert_eq!(reason(&key, &on("billing")), Reason::Ok);
+        assert_eq!(reason(&key, &on("orders")), Reason::ResourceForbidden);
+        assert_eq!(reason(&key, &Request::default()), Reason::ResourceForbidden);
+    }
+
+    #[test]
+    fn every_required_scope_must_be_held_and_is_named_when_missing() {
+        let key = record();
+        let scopes = ["orders:read", "orders:write"];
+        let d = decide(
+            &key,
+            &Request {
+                required_scopes: &scopes,
+                ..Request::default()
+            },
+            Utc::now(),
+        );
+        assert_eq!(d.reason, Reason::ScopeMissing);
+        assert!(d.message.contains("orders:write"), "{}", d.message);
+        let held = ["orders:read"];
+        let req = Request {
+            required_scopes: &held,
+            ..Request::default()
+        };
+        assert_eq!(reason(&key, &req), Reason::Ok);
+    }
+
+    #[test]
+    fn ip_is_checked_before_resource_and_resource_before_scope() {
+        let mut key = record();
+        key.ip_allow = vec![Network::parse("10.0.0.0/8").unwrap()];
+        key.resources = vec![Resource::parse("billing").unwrap()];
+        let scopes = ["orders:write"];
+        let req = Request {
+            resource: Some("orders"),
+            required_scopes: &scopes,
+            client_ip: Some("192.0.2.1".parse().unwrap()),
+        };
+        assert_eq!(reason(&key, &req), Reason::IpForbidden);
+        let req = Request {
+            client_ip: Some("10.0.0.1".parse().unwrap()),
+            ..req
+        };
+        assert_eq!(reason(&key, &req), Reason::ResourceForbidden);
+        let req = Request {
+            resource: Some("billing"),
+            ..req
+        };
+        assert_eq!(reason(&key, &req), Reason::ScopeMissing);
+    }
+
+    #[test]
+    fn http_statuses_follow_the_design_table() {
+        assert_eq!(Reason::Ok.http_status(), 200);
+        assert_eq!(Reason::UnknownKey.http_status(), 401);
+        assert_eq!(Reason::Disabled.http_status(), 401);
+        assert_eq!(Reason::OwnerInactive.http_status(), 403);
+        assert_eq!(Reason::ScopeMissing.http_status(), 403);
+        assert_eq!(Reason::RateLimited.http_status(), 429);
+    }
+}

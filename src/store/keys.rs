@@ -1,0 +1,347 @@
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use ipnet::IpNet;
+use serde_json::json;
+use sqlx::{PgConnection, types::Json};
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::key::{KeyHash, KeyId, KeyRecord, Metadata, Network, NewKey, OwnerId, Resource, Scope};
+
+macro_rules! key_columns {
+    () => {
+        "id, hash, prefix, start, owner_id, name, description, scopes, resources, \
+         ip_allow, metadata, created_at, expires_at, disabled_at, revoked_at, \
+         revoked_reason, last_used_at"
+    };
+}
+
+/// Who made an admin change, as the audit trail records it.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    key_id: Option<KeyId>,
+    label: String,
+}
+
+impl Actor {
+    /// A change made through the API with a management key.
+    pub fn key(id: KeyId) -> Self {
+        Self {
+            key_id: Some(id),
+            label: format!("key:{id}"),
+        }
+    }
+
+    /// A change made with direct database access (`keyward bootstrap`).
+    pub fn bootstrap() -> Self {
+        Self {
+            key_id: None,
+            label: "bootstrap".to_owned(),
+        }
+    }
+}
+
+/// One page of `List`.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    /// Only this owner's keys.
+    pub owner: Option<OwnerId>,
+    pub include_revoked: bool,
+    /// Keyset cursor: only ids greater than this.
+    pub after: Option<KeyId>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub keys: Vec<KeyRecord>,
+    /// The cursor for the next page; `None` on the last page.
+    pub next: Option<KeyId>,
+}
+
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    id: Uuid,
+    hash: Vec<u8>,
+    prefix: String,
+    start: String,
+    owner_id: String,
+    name: String,
+    description: String,
+    scopes: Vec<String>,
+    resources: Vec<String>,
+    ip_allow: Vec<IpNet>,
+    metadata: Json<BTreeMap<String, String>>,
+    created_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    disabled_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+    revoked_reason: Option<String>,
+    last_used_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<KeyRow> for KeyRecord {
+    type Error = StoreError;
+
+    fn try_from(row: KeyRow) -> Result<Self, Self::Error> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("key {}: {what}", row.id));
+        let hash = KeyHash::from_slice(&row.hash).ok_or_else(|| corrupt("hash length"))?;
+        let owner_id = OwnerId::parse(&row.owner_id).map_err(|_| corrupt("owner_id"))?;
+        let scopes = row
+            .scopes
+            .iter()
+            .map(|s| Scope::parse(s))
+            .collect::<Result<_, _>>()
+            .map_err(|_| corrupt("scopes"))?;
+        let resources = row
+            .resources
+            .iter()
+            .map(|s| Resource::parse(s))
+            .collect::<Result<_, _>>()
+            .map_err(|_| corrupt("resources"))?;
+        Ok(KeyRecord {
+            id: row.id.into(),
+            hash,
+            prefix: row.prefix,
+            start: row.start,
+            owner_id,
+            name: row.name,
+            description: row.description,
+            scopes,
+            resources,
+            ip_allow: row.ip_allow.into_iter().map(Network::from).collect(),
+            metadata: Metadata::from(row.metadata.0),
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+            disabled_at: row.disabled_at,
+            revoked_at: row.revoked_at,
+            revoked_reason: row.revoked_reason,
+            last_used_at: row.last_used_at,
+        })
+    }
+}
+
+impl Store {
+    /// Stores a new key (creating its owner on first use) with its audit event.
+    pub async fn insert_key(&self, new: &NewKey, actor: &Actor) -> Result<KeyRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO owners (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
+            .bind(new.owner_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let row: KeyRow = sqlx::query_as(concat!(
+            "INSERT INTO keys (id, hash, prefix, start, owner_id, name, description, \
+             scopes, resources, ip_allow, metadata, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::cidr[], $11, $12) \
+             RETURNING ",
+            key_columns!()
+        ))
+        .bind(new.id.as_uuid())
+        .bind(new.hash.as_bytes().as_slice())
+        .bind(&new.prefix)
+        .bind(&new.start)
+        .bind(new.owner_id.as_str())
+        .bind(&new.name)
+        .bind(&new.description)
+        .bind(new.scopes.iter().map(Scope::as_str).collect::<Vec<_>>())
+        .bind(
+            new.resources
+                .iter()
+                .map(Resource::as_str)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            new.ip_allow
+                .iter()
+                .map(Network::as_ipnet)
+                .collect::<Vec<_>>(),
+        )
+        .bind(Json(new.metadata.as_map()))
+        .bind(new.expires_at)
+        .fetch_one(&mut *tx)
+        .await?;
+        let record = KeyRecord::try_from(row)?;
+        let details = json!({
+            "name": record.name,
+            "prefix": record.prefix,
+            "start": record.start,
+            "scopes": new.scopes.iter().map(Scope::as_str).collect::<Vec<_>>(),
+            "resources": new.resources.iter().map(Resource::as_str).collect::<Vec<_>>(),
+            "expires_at": record.expires_at.map(|at| at.to_rfc3339()),
+        });
+        audit(&mut tx, actor, "key.mint", &record, details).await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    /// The hot path's one query on a cache miss.
+    pub async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM keys WHERE hash = $1"
+        ))
+        .bind(hash.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(KeyRecord::try_from).transpose()
+    }
+
+    /// A key by id; with `owner`, only if it belongs to that owner.
+    pub async fn get_key(
+        &self,
+        id: KeyId,
+        owner: Option<&OwnerId>,
+    ) -> Result<KeyRecord, StoreError> {
+        let row: KeyRow = sqlx::query_as(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM keys WHERE id = $1 AND ($2::text IS NULL OR owner_id = $2)"
+        ))
+        .bind(id.as_uuid())
+        .bind(owner.map(OwnerId::as_str))
+        .fetch_one(&self.pool)
+        .await?;
+        row.try_into()
+    }
+
+    /// Revokes a key. Revoking a revoked key changes nothing and writes no
+    /// audit event; it returns the key as it is.
+    pub async fn revoke_key(
+        &self,
+        id: KeyId,
+        reason: Option<&str>,
+        owner: Option<&OwnerId>,
+        actor: &Actor,
+    ) -> Result<KeyRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = lock_key(&mut tx, id, owner).await?;
+        if current.revoked_at.is_some() {
+            return Ok(current);
+        }
+        let row: KeyRow = sqlx::query_as(concat!(
+            "UPDATE keys SET revoked_at = now(), revoked_reason = $2 WHERE id = $1 RETURNING ",
+            key_columns!()
+        ))
+        .bind(id.as_uuid())
+        .bind(reason)
+        .fetch_one(&mut *tx)
+        .await?;
+        let record = KeyRecord::try_from(row)?;
+        audit(
+            &mut tx,
+            actor,
+            "key.revoke",
+            &record,
+            json!({ "reason": reason }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    /// Disables or re-enables a key. A no-op change writes no audit event.
+    pub async fn set_key_disabled(
+        &self,
+        id: KeyId,
+        disabled: bool,
+        owner: Option<&OwnerId>,
+        actor: &Actor,
+    ) -> Result<KeyRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = lock_key(&mut tx, id, owner).await?;
+        if current.disabled_at.is_some() == disabled {
+            return Ok(current);
+        }
+        let row: KeyRow = sqlx::query_as(concat!(
+            "UPDATE keys SET disabled_at = CASE WHEN $2 THEN now() END WHERE id = $1 RETURNING ",
+            key_columns!()
+        ))
+        .bind(id.as_uuid())
+        .bind(disabled)
+        .fetch_one(&mut *tx)
+        .await?;
+        let record = KeyRecord::try_from(row)?;
+        let action = if disabled {
+            "key.disable"
+        } else {
+            "key.enable"
+        };
+        audit(&mut tx, actor, action, &record, json!({})).await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    /// One page of keys in id (creation) order, after the cursor.
+    pub async fn list_keys(&self, q: &ListQuery) -> Result<Page, StoreError> {
+        let limit = i64::from(q.limit);
+        let rows: Vec<KeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM keys \
+              WHERE ($1::text IS NULL OR owner_id = $1) \
+                AND ($2 OR revoked_at IS NULL) \
+                AND ($3::uuid IS NULL OR id > $3) \
+              ORDER BY id \
+              LIMIT $4"
+        ))
+        .bind(q.owner.as_ref().map(OwnerId::as_str))
+        .bind(q.include_revoked)
+        .bind(q.after.map(|id| id.as_uuid()))
+        // One extra row tells whether another page follows.
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut keys = rows
+            .into_iter()
+            .map(KeyRecord::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = if keys.len() > q.limit as usize {
+            keys.truncate(q.limit as usize);
+            keys.last().map(|k| k.id)
+        } else {
+            None
+        };
+        Ok(Page { keys, next })
+    }
+}
+
+async fn lock_key(
+    conn: &mut PgConnection,
+    id: KeyId,
+    owner: Option<&OwnerId>,
+) -> Result<KeyRecord, StoreError> {
+    let row: KeyRow = sqlx::query_as(concat!(
+        "SELECT ",
+        key_columns!(),
+        " FROM keys WHERE id = $1 AND ($2::text IS NULL OR owner_id = $2) FOR UPDATE"
+    ))
+    .bind(id.as_uuid())
+    .bind(owner.map(OwnerId::as_str))
+    .fetch_one(&mut *conn)
+    .await?;
+    row.try_into()
+}
+
+async fn audit(
+    conn: &mut PgConnection,
+    actor: &Actor,
+    action: &str,
+    key: &KeyRecord,
+    details: serde_json::Value,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_events (actor, actor_key_id, action, key_id, owner_id, details) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&actor.label)
+    .bind(actor.key_id.map(|id| id.as_uuid()))
+    .bind(action)
+    .bind(key.id.as_uuid())
+    .bind(key.owner_id.as_str())
+    .bind(Json(details))
+    .execute(conn)
+    .await?;
+    Ok(())
+}

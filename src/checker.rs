@@ -21,7 +21,8 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn denied(reason: Reason) -> Self {
+    /// A denial settled before the key is known.
+    pub fn denied(reason: Reason) -> Self {
         Self {
             decision: Decision::new(reason),
             key: None,

@@ -3,12 +3,13 @@
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::{net::TcpListener, sync::oneshot};
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::server::HealthReporter;
 
 use crate::{
-    api::{admin::AdminApi, check::CheckApi},
+    api::{admin::AdminApi, check::CheckApi, envoy::EnvoyApi},
     cache::KeyCache,
     checker::Checker,
     config::Config,
@@ -115,9 +116,8 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(KeyServiceServer::new(self.admin))
-            .add_service(CheckServiceServer::new(crate::api::check::CheckApi::new(
-                self.checker,
-            )))
+            .add_service(CheckServiceServer::new(CheckApi::new(self.checker.clone())))
+            .add_service(AuthorizationServer::new(EnvoyApi::new(self.checker)))
             .serve_with_incoming_shutdown(incoming, signal);
 
         tracing::info!(addr = %self.local_addr, "keyward serving");
@@ -144,6 +144,7 @@ async fn set_health(health: &HealthReporter, status: tonic_health::ServingStatus
         "",
         <KeyServiceServer<AdminApi> as tonic::server::NamedService>::NAME,
         <CheckServiceServer<CheckApi> as tonic::server::NamedService>::NAME,
+        <AuthorizationServer<EnvoyApi> as tonic::server::NamedService>::NAME,
     ] {
         health.set_service_status(service, status).await;
     }

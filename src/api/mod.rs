@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod check;
+pub mod envoy;
 pub mod status;
 
 use chrono::{DateTime, Utc};

@@ -1,19 +1,20 @@
-use std::sync::Once;
+use std::{net::SocketAddr, sync::Once, time::Duration};
 
 use clap::Parser as _;
 use keyward::{
     config::Config,
     pb::{self, check_service_client::CheckServiceClient, key_service_client::KeyServiceClient},
-    startup::{self, Application},
+    startup::{self, Application, StartupError},
     telemetry,
 };
 use sqlx::PgPool;
-use tokio::sync::oneshot;
+use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Request, Status, transport::Channel};
 use uuid::Uuid;
 
 /// A running keyward on its own database, with an admin key and clients.
 pub struct TestApp {
+    pub addr: SocketAddr,
     /// The server's own pool: inspect rows with it, or close it to cut the
     /// server off from the database.
     pub db: PgPool,
@@ -21,8 +22,9 @@ pub struct TestApp {
     pub admin_id: String,
     pub keys: KeyServiceClient<Channel>,
     pub checks: CheckServiceClient<Channel>,
-    // Dropping the sender stops the server.
-    _shutdown: oneshot::Sender<()>,
+    // Sending (or dropping) stops the server.
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), StartupError>>>,
 }
 
 static TRACING: Once = Once::new();
@@ -50,6 +52,8 @@ pub fn test_config(database_url: &str) -> Config {
         database_url,
         "--key-prefix",
         "kw_live",
+        "--shutdown-grace",
+        "2s",
     ])
     .expect("test config")
 }
@@ -70,7 +74,7 @@ pub async fn spawn_app() -> TestApp {
         .await
         .expect("bootstrap");
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(app.run_until_stopped(async move {
+    let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = rx.await;
     }));
     let channel = Channel::from_shared(format!("http://{addr}"))
@@ -79,12 +83,14 @@ pub async fn spawn_app() -> TestApp {
         .await
         .expect("connect");
     TestApp {
+        addr,
         db,
         admin_key: secret.expose_secret().to_owned(),
         admin_id: admin.id.to_string(),
         keys: KeyServiceClient::new(channel.clone()),
         checks: CheckServiceClient::new(channel),
-        _shutdown: tx,
+        shutdown: Some(tx),
+        server: Some(server),
     }
 }
 
@@ -99,6 +105,20 @@ pub fn with_key<T>(message: T, key: &str) -> Request<T> {
 }
 
 impl TestApp {
+    /// Stops the server the way SIGTERM does, and waits until it has exited.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .expect("server stops within its grace period")
+                .expect("server task")
+                .expect("server ran cleanly");
+        }
+    }
+
     pub fn admin<T>(&self, message: T) -> Request<T> {
         with_key(message, &self.admin_key)
     }

@@ -1,8 +1,9 @@
 //! Integration tests: the real server on port 0, a fresh PostgreSQL database
-//! per test, and the real grpcurl binary. Set TEST_LOG=1 to see the logs.
+//! per test, and the real grpcurl and Envoy binaries. Set TEST_LOG=1 to see the logs.
 
 mod admin;
 mod check;
+mod envoy;
 mod helpers;
 mod list;
 mod walkthrough;

@@ -1,0 +1,393 @@
+//! `envoy.service.auth.v3.Authorization`: keyward as Envoy's `ext_authz`
+//! server. Same decision path as `CheckService.Check`; this file only
+//! translates Envoy's request attributes in and its HTTP answers out.
+//!
+//! - Credential: `authorization: Bearer <key>` or `x-api-key: <key>`, from
+//!   `headers` or, with Envoy's `encode_raw_headers`, from `header_map`. Both
+//!   present with different keys: MALFORMED_KEY.
+//! - Policy: `context_extensions` `resource` and `scopes` (comma-separated);
+//!   without `resource` the request's host (port stripped) is the resource.
+//! - Client address: the downstream peer Envoy reports as the source.
+//! - Deny: Envoy answers the client itself with the decision's HTTP status
+//!   and a JSON body; allow: the credential headers are stripped and identity
+//!   headers added before the request goes upstream.
+
+use std::{borrow::Cow, collections::HashMap, net::IpAddr};
+
+use envoy_types::{
+    ext_authz::v3::{
+        DeniedHttpResponseBuilder, OkHttpResponseBuilder,
+        pb::{
+            Address, Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpResponse,
+            HttpStatusCode,
+        },
+    },
+    pb::{
+        envoy::service::auth::v3::attribute_context::HttpRequest,
+        google::{
+            protobuf::{ListValue, Struct, Value, value::Kind},
+            rpc,
+        },
+    },
+};
+use tonic::{Request, Response, Status};
+
+use super::status::{reason_code, store_status};
+use crate::{
+    checker::{Checker, Outcome},
+    policy::{self, Reason},
+};
+
+pub const HEADER_KEY_ID: &str = "x-keyward-key-id";
+pub const HEADER_OWNER_ID: &str = "x-keyward-owner-id";
+pub const HEADER_SCOPES: &str = "x-keyward-scopes";
+pub const HEADER_REASON: &str = "x-keyward-reason";
+/// Key under which keyward's facts appear in Envoy's dynamic metadata
+/// (`%DYNAMIC_METADATA(envoy.filters.http.ext_authz:keyward_owner_id)%`).
+const METADATA_PREFIX: &str = "keyward_";
+/// Credential headers, stripped from every allowed request.
+const CREDENTIAL_HEADERS: [&str; 2] = ["authorization", "x-api-key"];
+
+#[derive(Debug, Clone)]
+pub struct EnvoyApi {
+    checker: Checker,
+}
+
+impl EnvoyApi {
+    pub fn new(checker: Checker) -> Self {
+        Self { checker }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for EnvoyApi {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let req = request.into_inner();
+        let attrs = req.attributes.as_ref();
+        let http = attrs
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
+        let context = attrs.map(|a| &a.context_extensions);
+
+        let outcome = match credential(http) {
+            Err(reason) => Outcome::denied(reason),
+            Ok(credential) => {
+                let scopes = context
+                    .and_then(|c| c.get("scopes"))
+                    .map(|s| split_scopes(s))
+                    .unwrap_or_default();
+                let resource = context
+                    .and_then(|c| c.get("resource"))
+                    .map(String::as_str)
+                    .filter(|r| !r.is_empty())
+                    .or_else(|| http.map(|h| strip_port(&h.host)))
+                    .filter(|r| !r.is_empty());
+                let policy_req = policy::Request {
+                    resource,
+                    required_scopes: &scopes,
+                    client_ip: attrs.and_then(client_ip),
+                };
+                self.checker
+                    .check(credential.as_deref(), &policy_req)
+                    .await
+                    .map_err(|err| store_status(&err))?
+            }
+        };
+        Ok(Response::new(respond(&outcome)))
+    }
+}
+
+/// Finds the credential in the headers Envoy forwarded.
+fn credential(http: Option<&HttpRequest>) -> Result<Option<Cow<'_, str>>, Reason> {
+    let Some(http) = http else {
+        return Ok(None);
+    };
+    let authorization = header(http, "authorization");
+    let api_key = header(http, "x-api-key").filter(|v| !v.trim().is_empty());
+    match (authorization, api_key) {
+        (None, api_key) => Ok(api_key),
+        (Some(auth), None) => Ok(Some(auth)),
+        (Some(auth), Some(api_key)) => match bearer_token(&auth) {
+            // Not a keyward credential (e.g. Basic for the upstream): use x-api-key.
+            None => Ok(Some(api_key)),
+            Some(token) if token == api_key.trim() => Ok(Some(api_key)),
+            Some(_) => Err(Reason::MalformedKey),
+        },
+    }
+}
+
+/// The token of a `Bearer` authorization value; `None` for other schemes.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A request header by lower-case name, from `headers` or `header_map`.
+fn header<'a>(http: &'a HttpRequest, name: &str) -> Option<Cow<'a, str>> {
+    if let Some(v) = lookup(&http.headers, name) {
+        return Some(Cow::Borrowed(v));
+    }
+    let map = http.header_map.as_ref()?;
+    let h = map
+        .headers
+        .iter()
+        .find(|h| h.key.eq_ignore_ascii_case(name))?;
+    if h.raw_value.is_empty() {
+        Some(Cow::Borrowed(&h.value))
+    } else {
+        // Keys are ASCII; anything else fails the format check later.
+        Some(String::from_utf8_lossy(&h.raw_value))
+    }
+}
+
+fn lookup<'a>(headers: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    // Envoy lower-cases header names; fall back to a scan for other clients.
+    headers
+        .get(name)
+        .or_else(|| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
+        .map(String::as_str)
+}
+
+fn split_scopes(s: &str) -> Vec<&str> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// `api.example.com:8443` -> `api.example.com`; `[::1]:80` -> `[::1]`.
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((name, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!name.contains(':') || name.ends_with(']')) =>
+        {
+            name
+        }
+        _ => host,
+    }
+}
+
+fn client_ip(
+    attrs: &envoy_types::pb::envoy::service::auth::v3::AttributeContext,
+) -> Option<IpAddr> {
+    let address = attrs.source.as_ref()?.address.as_ref()?.address.as_ref()?;
+    match address {
+        Address::SocketAddress(sa) => sa.address.parse().ok(),
+        _ => None,
+    }
+}
+
+fn respond(outcome: &Outcome) -> CheckResponse {
+    let reason = outcome.decision.reason;
+    let mut facts = vec![("reason", string(reason.as_str()))];
+    if let Some(key) = &outcome.key {
+        facts.push(("key_id", string(key.id.to_string())));
+        facts.push(("owner_id", string(key.owner_id.to_string())));
+    }
+
+    let http_response = if reason.is_allowed() {
+        let key = outcome.key.as_ref();
+        let key_id = key.map(|k| k.id.to_string()).unwrap_or_default();
+        let owner_id = key.map(|k| k.owner_id.to_string()).unwrap_or_default();
+        let scopes: Vec<&str> = key
+            .map(|k| k.scopes.iter().map(|s| s.as_str()).collect())
+            .unwrap_or_default();
+        facts.push((
+            "scopes",
+            Value {
+                kind: Some(Kind::ListValue(ListValue {
+                    values: scopes.iter().map(|s| string(*s)).collect(),
+                })),
+            },
+        ));
+        let mut ok = OkHttpResponseBuilder::new();
+        // Overwrite, never append: a client cannot smuggle its own identity
+        // headers upstream. Kept when empty for the same reason.
+        for (name, value) in [
+            (HEADER_KEY_ID, key_id),
+            (HEADER_OWNER_ID, owner_id),
+            (HEADER_SCOPES, scopes.join(",")),
+        ] {
+            ok.add_header(
+                name,
+                value,
+                Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+                true,
+            );
+        }
+        for name in CREDENTIAL_HEADERS {
+            ok.remove_header(name);
+        }
+        HttpResponse::OkResponse(ok.build())
+    } else {
+        let status = reason.http_status();
+        let body = serde_json::json!({
+            "error": reason.as_str(),
+            "message": outcome.decision.message,
+            "status": status,
+        })
+        .to_string();
+        let mut denied = DeniedHttpResponseBuilder::new();
+        denied.set_http_status(http_status_code(status));
+        denied.set_body(body);
+        let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+        denied.add_header("content-type", "application/json", overwrite, false);
+        denied.add_header(HEADER_REASON, reason.as_str(), overwrite, false);
+        if status == 401 {
+            // RFC 6750: a presented but unusable token is "invalid_token".
+            let challenge = if reason == Reason::MissingKey {
+                r#"Bearer realm="keyward""#
+            } else {
+                r#"Bearer realm="keyward", error="invalid_token""#
+            };
+            denied.add_header("www-authenticate", challenge, overwrite, false);
+        }
+        HttpResponse::DeniedResponse(denied.build())
+    };
+
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: reason_code(reason) as i32,
+            message: if reason.is_allowed() {
+                String::new()
+            } else {
+                reason.as_str().to_owned()
+            },
+            details: Vec::new(),
+        }),
+        http_response: Some(http_response),
+        dynamic_metadata: Some(Struct {
+            fields: facts
+                .into_iter()
+                .map(|(k, v)| (format!("{METADATA_PREFIX}{k}"), v))
+                .collect(),
+        }),
+    }
+}
+
+fn string(s: impl Into<String>) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.into())),
+    }
+}
+
+fn http_status_code(status: u16) -> HttpStatusCode {
+    match status {
+        401 => HttpStatusCode::Unauthorized,
+        403 => HttpStatusCode::Forbidden,
+        429 => HttpStatusCode::TooManyRequests,
+        503 => HttpStatusCode::ServiceUnavailable,
+        _ => HttpStatusCode::Forbidden,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+
+    use super::*;
+
+    fn with_headers(pairs: &[(&str, &str)]) -> HttpRequest {
+        HttpRequest {
+            headers: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn with_raw_headers(pairs: &[(&str, &str)]) -> HttpRequest {
+        HttpRequest {
+            header_map: Some(HeaderMap {
+                headers: pairs
+                    .iter()
+                    .map(|(k, v)| HeaderValue {
+                        key: k.to_string(),
+                        value: String::new(),
+                        raw_value: v.as_bytes().to_vec(),
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn cred(http: &HttpRequest) -> Result<Option<String>, Reason> {
+        credential(Some(http)).map(|c| c.map(Cow::into_owned))
+    }
+
+    #[test]
+    fn the_credential_comes_from_either_header_in_either_encoding() {
+        for make in [with_headers, with_raw_headers] {
+            assert_eq!(cred(&make(&[("x-api-key", "k1")])), Ok(Some("k1".into())));
+            assert_eq!(
+                cred(&make(&[("authorization", "Bearer k1")])),
+                Ok(Some("Bearer k1".into()))
+            );
+            assert_eq!(cred(&make(&[])), Ok(None));
+        }
+    }
+
+    #[test]
+    fn two_different_keys_are_malformed_and_two_equal_ones_are_fine() {
+        let both = |auth, key| {
+            cred(&with_headers(&[
+                ("authorization", auth),
+                ("x-api-key", key),
+            ]))
+        };
+        assert_eq!(both("Bearer k1", "k1"), Ok(Some("k1".into())));
+        assert_eq!(both("bearer  k1 ", "k1"), Ok(Some("k1".into())));
+        assert_eq!(both("Bearer k1", "k2"), Err(Reason::MalformedKey));
+        // A non-Bearer authorization is not a keyward credential.
+        assert_eq!(both("Basic dXNlcjpwdw==", "k1"), Ok(Some("k1".into())));
+    }
+
+    #[test]
+    fn scopes_split_on_commas_ignoring_blanks() {
+        assert_eq!(split_scopes("a, b,,c "), ["a", "b", "c"]);
+        assert!(split_scopes(" ").is_empty());
+    }
+
+    #[test]
+    fn host_ports_are_stripped() {
+        assert_eq!(strip_port("api.example.com:8443"), "api.example.com");
+        assert_eq!(strip_port("api.example.com"), "api.example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("::1"), "::1");
+        assert_eq!(strip_port("127.0.0.1:10000"), "127.0.0.1");
+    }
+
+    #[test]
+    fn denials_carry_status_body_and_headers() {
+        let resp = respond(&Outcome::denied(Reason::MissingKey));
+        assert_eq!(
+            resp.status.as_ref().map(|s| s.code),
+            Some(tonic::Code::Unauthenticated as i32)
+        );
+        let Some(HttpResponse::DeniedResponse(denied)) = resp.http_response else {
+            panic!("not a denial");
+        };
+        assert_eq!(denied.status.map(|s| s.code), Some(401));
+        let body: serde_json::Value = serde_json::from_str(&denied.body).unwrap();
+        assert_eq!(body["error"], "MISSING_KEY");
+        assert_eq!(body["status"], 401);
+        let names: Vec<_> = denied
+            .headers
+            .iter()
+            .filter_map(|h| h.header.as_ref().map(|h| h.key.as_str()))
+            .collect();
+        assert_eq!(names, ["content-type", HEADER_REASON, "www-authenticate"]);
+    }
+}

@@ -1,0 +1,571 @@
+//! keyward behind the real Envoy, configured by the repository's own
+//! `deploy/envoy/envoy.yaml` (ports swapped for free loopback ones), with an
+//! upstream that records the headers it receives.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::{Request, Response, body::Bytes, header::HeaderMap, service::service_fn};
+use hyper_util::rt::TokioIo;
+use keyward::pb;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    process::{Child, Command},
+};
+
+use crate::helpers::{TestApp, spawn_app};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// An upstream API that answers 200 and remembers every request's headers.
+struct Upstream {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<HeaderMap>>>,
+}
+
+impl Upstream {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        record.lock().expect("lock").push(req.headers().clone());
+                        async {
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                                "upstream ok",
+                            ))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+
+    fn requests(&self) -> Vec<HeaderMap> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+/// The real Envoy, running the repository's example configuration.
+struct Envoy {
+    child: Child,
+    port: u16,
+    config: PathBuf,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+async fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Swaps every `port_value` marked `# port:NAME` for the given port, keeps
+/// every listener on loopback, and optionally turns on `encode_raw_headers`.
+fn test_config(template: &str, ports: &[(&str, u16)], raw_headers: bool) -> String {
+    let mut used = vec![false; ports.len()];
+    let mut out = String::new();
+    for line in template.lines() {
+        let mut line = line.replace("address: 0.0.0.0", "address: 127.0.0.1");
+        if let Some((_, name)) = line.split_once("# port:") {
+            let i = ports
+                .iter()
+                .position(|(n, _)| *n == name.trim())
+                .unwrap_or_else(|| panic!("no test port for {name}"));
+            used[i] = true;
+            let start = line
+                .find("port_value: ")
+                .expect("marked line has a port_value")
+                + 12;
+            let end = start
+                + line[start..]
+                    .find(|c: char| !c.is_ascii_digit())
+                    .expect("port ends");
+            line.replace_range(start..end, &ports[i].1.to_string());
+        }
+        out.push_str(&line);
+        out.push('\n');
+        if raw_headers && line.trim() == "transport_api_version: V3" {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            out.push_str(&format!("{indent}encode_raw_headers: true\n"));
+        }
+    }
+    assert!(
+        used.iter().all(|u| *u),
+        "every port marker is in envoy.yaml: {ports:?}"
+    );
+    assert!(!raw_headers || out.contains("encode_raw_headers: true"));
+    out
+}
+
+fn envoy_binary() -> PathBuf {
+    let local = repo().join(".tools/bin/envoy");
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from("envoy")
+}
+
+impl Envoy {
+    async fn start(keyward: SocketAddr, upstream: SocketAddr, raw_headers: bool) -> Self {
+        let template = std::fs::read_to_string(repo().join("deploy/envoy/envoy.yaml"))
+            .expect("deploy/envoy/envoy.yaml");
+        let (port, admin, demo) = (free_port().await, free_port().await, free_port().await);
+        let yaml = test_config(
+            &template,
+            &[
+                ("ingress", port),
+                ("admin", admin),
+                ("demo-upstream", demo),
+                ("keyward", keyward.port()),
+                ("upstream", upstream.port()),
+            ],
+            raw_headers,
+        );
+        let config =
+            std::env::temp_dir().join(format!("keyward-envoy-{}.yaml", uuid::Uuid::new_v4()));
+        std::fs::write(&config, yaml).expect("write envoy config");
+        let child = Command::new(envoy_binary())
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+                "-c",
+            ])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start envoy: run ./scripts/test, which installs it into .tools");
+        let envoy = Self {
+            child,
+            port,
+            config,
+        };
+        // Ready once its listeners are up and its clusters initialised.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if http_get(admin, "/ready", &[])
+                .await
+                .is_ok_and(|r| r.status == 200)
+            {
+                return envoy;
+            }
+            assert!(Instant::now() < deadline, "envoy did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        http_get(self.port, path, headers)
+            .await
+            .expect("request through envoy")
+    }
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// Asserts a keyward denial: status, reason header and JSON body.
+    fn assert_denied(&self, status: u16, reason: &str) {
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(self.header("x-keyward-reason"), Some(reason), "{self:?}");
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        let body = self.json();
+        assert_eq!(body["error"], reason);
+        assert_eq!(body["status"], status);
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+        if status == 401 {
+            let challenge = self
+                .header("www-authenticate")
+                .expect("www-authenticate on 401");
+            assert!(
+                challenge.starts_with(r#"Bearer realm="keyward""#),
+                "{challenge}"
+            );
+        } else {
+            assert_eq!(self.header("www-authenticate"), None);
+        }
+    }
+}
+
+async fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
+    let stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = Request::get(path).header("host", "api.example.com");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+async fn mint(app: &TestApp, scopes: &[&str], resources: &[&str]) -> (String, String) {
+    let minted = app
+        .mint(pb::MintRequest {
+            owner_id: "acme".into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            resources: resources.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await;
+    (minted.secret, minted.key.expect("key").id)
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The upstream got exactly one more request, carrying keyward's identity
+/// headers and none of the credentials.
+fn assert_forwarded(upstream: &Upstream, before: usize, key_id: &str, scopes: &str) {
+    let requests = upstream.requests();
+    assert_eq!(
+        requests.len(),
+        before + 1,
+        "one request reached the upstream"
+    );
+    let seen = &requests[before];
+    assert_eq!(header(seen, "x-keyward-key-id"), Some(key_id));
+    assert_eq!(header(seen, "x-keyward-owner-id"), Some("acme"));
+    assert_eq!(header(seen, "x-keyward-scopes"), Some(scopes));
+    assert_eq!(
+        header(seen, "x-api-key"),
+        None,
+        "credential leaked upstream"
+    );
+    assert_eq!(
+        header(seen, "authorization"),
+        None,
+        "credential leaked upstream"
+    );
+}
+
+#[tokio::test]
+async fn envoy_refuses_requests_without_a_valid_key_with_401_json() {
+    let app = spawn_app().await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(app.addr, upstream.addr, false).await;
+    let stranger =
+        keyward::key::ApiKey::generate(&keyward::key::KeyPrefix::parse("kw_live").expect("prefix"));
+
+    envoy
+        .get("/billing/invoices", &[])
+        .await
+        .assert_denied(401, "MISSING_KEY");
+    envoy
+        .get("/billing/invoices", &[("x-api-key", "kw_live_not-a-key")])
+        .await
+        .assert_denied(401, "MALFORMED_KEY");
+    envoy
+        .get(
+            "/billing/invoices",
+            &[("authorization", "Basic dXNlcjpwYXNz")],
+        )
+        .await
+        .assert_denied(401, "MALFORMED_KEY");
+    envoy
+        .get(
+            "/billing/invoices",
+            &[("x-api-key", stranger.expose_secret())],
+        )
+        .await
+        .assert_denied(401, "UNKNOWN_KEY");
+    assert!(
+        upstream.requests().is_empty(),
+        "a refused request reached the upstream"
+    );
+
+    // Routes with ext_authz disabled need no key.
+    assert_eq!(envoy.get("/public/status", &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn envoy_forwards_a_valid_key_as_identity_headers_and_strips_the_credential() {
+    let app = spawn_app().await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(app.addr, upstream.addr, false).await;
+    let (key, id) = mint(&app, &["invoices:read"], &["billing"]).await;
+
+    let bearer = format!("Bearer {key}");
+    let cases: [&[(&str, &str)]; 4] = [
+        &[("x-api-key", &key)],
+        &[("authorization", &bearer)],
+        // Both, carrying the same key.
+        &[("authorization", &bearer), ("x-api-key", &key)],
+        // A client cannot pass itself off as another owner.
+        &[
+            ("x-api-key", &key),
+            ("x-keyward-owner-id", "globex"),
+            ("x-keyward-key-id", "forged"),
+        ],
+    ];
+    for headers in cases {
+        let before = upstream.requests().len();
+        let answer = envoy.get("/billing/invoices", headers).await;
+        assert_eq!(answer.status, 200, "{headers:?}: {answer:?}");
+        assert_eq!(answer.body, "upstream ok");
+        assert_forwarded(&upstream, before, &id, "invoices:read");
+    }
+
+    // Two different keys at once are refused.
+    let (other, _) = mint(&app, &["invoices:read"], &[]).await;
+    envoy
+        .get(
+            "/billing/invoices",
+            &[("authorization", &bearer), ("x-api-key", &other)],
+        )
+        .await
+        .assert_denied(401, "MALFORMED_KEY");
+}
+
+#[tokio::test]
+async fn envoy_enforces_the_routes_resource_and_scopes_and_the_client_address() {
+    let app = spawn_app().await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(app.addr, upstream.addr, false).await;
+    let (orders_key, _) = mint(&app, &["invoices:read"], &["orders"]).await;
+    let (reader, reader_id) = mint(&app, &["invoices:read"], &["billing"]).await;
+
+    // /billing is resource "billing": a key for "orders" only is refused.
+    envoy
+        .get("/billing/invoices", &[("x-api-key", &orders_key)])
+        .await
+        .assert_denied(403, "RESOURCE_FORBIDDEN");
+    // /billing/admin also needs invoices:write.
+    let answer = envoy
+        .get("/billing/admin/refunds", &[("x-api-key", &reader)])
+        .await;
+    answer.assert_denied(403, "SCOPE_MISSING");
+    assert!(
+        answer.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("invoices:write")
+    );
+    assert!(upstream.requests().is_empty());
+
+    // The client address Envoy reports is matched against ip_allow.
+    let ip_key = |allow: &'static str| {
+        app.mint(pb::MintRequest {
+            owner_id: "acme".into(),
+            scopes: vec!["invoices:read".into()],
+            ip_allow: vec![allow.into()],
+            ..Default::default()
+        })
+    };
+    let elsewhere = ip_key("10.0.0.0/8").await.secret;
+    envoy
+        .get("/billing/invoices", &[("x-api-key", &elsewhere)])
+        .await
+        .assert_denied(403, "IP_FORBIDDEN");
+    assert!(upstream.requests().is_empty());
+    let loopback = ip_key("127.0.0.0/8").await.secret;
+    assert_eq!(
+        envoy
+            .get("/billing/invoices", &[("x-api-key", &loopback)])
+            .await
+            .status,
+        200
+    );
+
+    // The same key is fine where its resource and scopes suffice.
+    assert_eq!(
+        envoy
+            .get("/billing/invoices", &[("x-api-key", &reader)])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        envoy
+            .get("/orders/42", &[("x-api-key", &orders_key)])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(upstream.requests().len(), 3);
+    assert_eq!(
+        header(&upstream.requests()[1], "x-keyward-key-id"),
+        Some(reader_id.as_str())
+    );
+}
+
+#[tokio::test]
+async fn a_key_revoked_through_the_api_is_refused_by_envoy_on_the_next_request() {
+    let app = spawn_app().await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(app.addr, upstream.addr, false).await;
+    let (key, id) = mint(&app, &["invoices:read"], &[]).await;
+    assert_eq!(
+        envoy
+            .get("/billing/invoices", &[("x-api-key", &key)])
+            .await
+            .status,
+        200
+    );
+
+    app.revoke(&id).await;
+
+    envoy
+        .get("/billing/invoices", &[("x-api-key", &key)])
+        .await
+        .assert_denied(401, "REVOKED");
+    assert_eq!(upstream.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn envoy_fails_closed_when_keyward_cannot_decide_or_is_down() {
+    let mut app = spawn_app().await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(app.addr, upstream.addr, false).await;
+    let (key, _) = mint(&app, &["invoices:read"], &[]).await;
+    assert_eq!(
+        envoy
+            .get("/billing/invoices", &[("x-api-key", &key)])
+            .await
+            .status,
+        200
+    );
+
+    // keyward up but its database gone: a key it has not cached cannot be
+    // decided; keyward answers UNAVAILABLE and Envoy applies status_on_error.
+    app.db.close().await;
+    let stranger =
+        keyward::key::ApiKey::generate(&keyward::key::KeyPrefix::parse("kw_live").expect("prefix"));
+    let answer = envoy
+        .get(
+            "/billing/invoices",
+            &[("x-api-key", stranger.expose_secret())],
+        )
+        .await;
+    assert_eq!(answer.status, 503, "{answer:?}");
+
+    // keyward stopped: the same configured failure status, for every key.
+    app.stop().await;
+    for headers in [&[("x-api-key", key.as_str())][..], &[]] {
+        let answer = envoy.get("/billing/invoices", headers).await;
+        assert_eq!(answer.status, 503, "{answer:?}");
+    }
+    assert_eq!(
+        upstream.requests().len(),
+        1,
+        "only the request made while keyward was up"
+    );
+}
+
+#[tokio::test]
+async fn envoy_with_encode_raw_headers_works_the_same() {
+    let app = spawn_app().await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(app.addr, upstream.addr, true).await;
+    let (key, id) = mint(&app, &["invoices:read"], &["billing"]).await;
+
+    envoy
+        .get("/billing/invoices", &[])
+        .await
+        .assert_denied(401, "MISSING_KEY");
+    for headers in [
+        [("x-api-key", key.clone())],
+        [("authorization", format!("bearer {key}"))],
+    ] {
+        let before = upstream.requests().len();
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let answer = envoy.get("/billing/invoices", &headers).await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_forwarded(&upstream, before, &id, "invoices:read");
+    }
+}
+
+#[test]
+fn every_port_in_the_example_config_is_swapped() {
+    let template = std::fs::read_to_string(repo().join("deploy/envoy/envoy.yaml")).expect("read");
+    let yaml = test_config(
+        &template,
+        &[
+            ("ingress", 1),
+            ("admin", 2),
+            ("demo-upstream", 3),
+            ("keyward", 4),
+            ("upstream", 5),
+        ],
+        true,
+    );
+    for default in ["10000", "9901", "8080", "50051"] {
+        let line = format!("port_value: {default}");
+        assert!(!yaml.contains(&line), "{line} left in the test config");
+    }
+    assert!(
+        !yaml.contains("address: 0.0.0.0"),
+        "a listener left off loopback"
+    );
+}

@@ -4,6 +4,12 @@
 //! made-up keys can only evict other unknown hashes, never the known keys that
 //! real traffic depends on.
 //!
+//! A known entry is fresh for `ttl` after it was read from the store; after
+//! that the next check re-reads it, and if the store cannot be reached the
+//! stale entry is still served for up to `stale_if_error` more (RFC 5861's
+//! `stale-if-error`). Past both it is gone, and a check that needs it fails
+//! with `UNAVAILABLE` rather than guess.
+//!
 //! Invalidation must not lose a race with a concurrent miss: a lookup that
 //! read the row just before a revocation committed could otherwise put the
 //! stale record back after the eviction. Every invalidation therefore bumps a
@@ -16,37 +22,55 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use moka::future::Cache;
 
-use crate::key::{KeyHash, KeyRecord};
+use crate::{
+    key::{KeyHash, KeyRecord},
+    usage::KeyUsage,
+};
 
 /// Sizes and lifetimes of the cache entries.
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
     /// Known keys held at most.
     pub capacity: u64,
-    /// How long a known key is served from memory before it is re-read.
+    /// How long a known key is served before it is re-read (soft TTL).
     pub ttl: Duration,
+    /// How much longer than `ttl` a known key may be served while the store
+    /// cannot be reached (hard bound: `ttl + stale_if_error`).
+    pub stale_if_error: Duration,
     /// Unknown hashes held at most.
     pub negative_capacity: u64,
     /// How long an unknown hash is remembered as unknown.
     pub negative_ttl: Duration,
 }
 
+/// A known key as cached: its record, when it was read, and its unwritten usage.
+#[derive(Debug)]
+pub struct CachedKey {
+    pub record: Arc<KeyRecord>,
+    pub usage: Arc<KeyUsage>,
+    loaded_at: Instant,
+}
+
 /// A cache lookup's answer.
 #[derive(Debug, Clone)]
 pub enum Lookup {
-    Known(Arc<KeyRecord>),
+    Fresh(Arc<CachedKey>),
+    /// Past its soft TTL: re-read it, but it may still answer if the store
+    /// cannot be reached.
+    Stale(Arc<CachedKey>),
     Unknown,
 }
 
 #[derive(Debug, Clone)]
 pub struct KeyCache {
-    known: Cache<KeyHash, Arc<KeyRecord>>,
+    known: Cache<KeyHash, Arc<CachedKey>>,
     unknown: Cache<KeyHash, ()>,
+    ttl: Duration,
     generation: Arc<AtomicU64>,
 }
 
@@ -59,20 +83,25 @@ impl KeyCache {
         Self {
             known: Cache::builder()
                 .max_capacity(settings.capacity)
-                .time_to_live(settings.ttl)
+                .time_to_live(settings.ttl.saturating_add(settings.stale_if_error))
                 .build(),
             unknown: Cache::builder()
                 .max_capacity(settings.negative_capacity)
                 .time_to_live(settings.negative_ttl)
                 .build(),
+            ttl: settings.ttl,
             generation: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// The cached answer for a hash, if any.
     pub async fn get(&self, hash: &KeyHash) -> Option<Lookup> {
-        if let Some(record) = self.known.get(hash).await {
-            return Some(Lookup::Known(record));
+        if let Some(entry) = self.known.get(hash).await {
+            return Some(if entry.loaded_at.elapsed() < self.ttl {
+                Lookup::Fresh(entry)
+            } else {
+                Lookup::Stale(entry)
+            });
         }
         self.unknown.get(hash).await.map(|()| Lookup::Unknown)
     }
@@ -84,15 +113,35 @@ impl KeyCache {
         Ticket(self.generation.load(Ordering::SeqCst))
     }
 
-    /// Caches what the store said, unless an invalidation overtook the read.
-    pub async fn fill(&self, ticket: Ticket, hash: KeyHash, found: Option<Arc<KeyRecord>>) {
-        match found {
-            Some(record) => self.known.insert(hash, record).await,
-            None => self.unknown.insert(hash, ()).await,
-        }
+    /// Caches what the store said, unless an invalidation overtook the read,
+    /// and returns the entry to answer with.
+    pub async fn fill(
+        &self,
+        ticket: Ticket,
+        hash: KeyHash,
+        found: Option<Arc<KeyRecord>>,
+    ) -> Option<Arc<CachedKey>> {
+        let entry = match found {
+            Some(record) => {
+                let entry = Arc::new(CachedKey {
+                    usage: Arc::new(KeyUsage::new(record.id)),
+                    record,
+                    loaded_at: Instant::now(),
+                });
+                self.unknown.invalidate(&hash).await;
+                self.known.insert(hash, entry.clone()).await;
+                Some(entry)
+            }
+            None => {
+                self.known.invalidate(&hash).await;
+                self.unknown.insert(hash, ()).await;
+                None
+            }
+        };
         if self.generation.load(Ordering::SeqCst) != ticket.0 {
             self.evict(&hash).await;
         }
+        entry
     }
 
     /// Drops whatever is cached for this hash; the next check reads the store.
@@ -126,10 +175,11 @@ mod tests {
     use super::*;
     use crate::key::{ApiKey, KeyId, KeyPrefix, Metadata, OwnerId};
 
-    fn settings() -> CacheSettings {
+    fn settings(ttl: Duration) -> CacheSettings {
         CacheSettings {
             capacity: 100,
-            ttl: Duration::from_secs(60),
+            ttl,
+            stale_if_error: Duration::from_secs(60),
             negative_capacity: 100,
             negative_ttl: Duration::from_secs(60),
         }
@@ -160,39 +210,52 @@ mod tests {
 
     #[tokio::test]
     async fn filled_entries_are_served_until_invalidated() {
-        let cache = KeyCache::new(&settings());
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let rec = record();
         let hash = rec.hash;
         assert!(cache.get(&hash).await.is_none());
         cache.fill(cache.ticket(), hash, Some(rec)).await;
-        assert!(matches!(cache.get(&hash).await, Some(Lookup::Known(_))));
+        assert!(matches!(cache.get(&hash).await, Some(Lookup::Fresh(_))));
         cache.invalidate(&hash).await;
         assert!(cache.get(&hash).await.is_none());
     }
 
     #[tokio::test]
-    async fn unknown_hashes_are_remembered() {
-        let cache = KeyCache::new(&settings());
-        let hash = record().hash;
+    async fn entries_past_the_soft_ttl_are_stale_but_still_held() {
+        let cache = KeyCache::new(&settings(Duration::ZERO));
+        let rec = record();
+        let hash = rec.hash;
+        cache.fill(cache.ticket(), hash, Some(rec)).await;
+        assert!(matches!(cache.get(&hash).await, Some(Lookup::Stale(_))));
+    }
+
+    #[tokio::test]
+    async fn unknown_hashes_are_remembered_until_the_key_appears() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let rec = record();
+        let hash = rec.hash;
         cache.fill(cache.ticket(), hash, None).await;
         assert!(matches!(cache.get(&hash).await, Some(Lookup::Unknown)));
+        cache.fill(cache.ticket(), hash, Some(rec)).await;
+        assert!(matches!(cache.get(&hash).await, Some(Lookup::Fresh(_))));
     }
 
     #[tokio::test]
     async fn a_load_overtaken_by_an_invalidation_is_not_kept() {
-        let cache = KeyCache::new(&settings());
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let rec = record();
         let hash = rec.hash;
         let ticket = cache.ticket();
         // The store was read (stale), then the key was revoked elsewhere.
         cache.invalidate(&hash).await;
-        cache.fill(ticket, hash, Some(rec)).await;
+        let served = cache.fill(ticket, hash, Some(rec)).await;
+        assert!(served.is_some(), "the loader still answers its own request");
         assert!(cache.get(&hash).await.is_none());
     }
 
     #[tokio::test]
     async fn invalidate_all_empties_both_caches() {
-        let cache = KeyCache::new(&settings());
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let (a, b) = (record(), record().hash);
         let a_hash = a.hash;
         cache.fill(cache.ticket(), a_hash, Some(a)).await;

@@ -2,15 +2,19 @@
 //! credential -> parse (format, checksum) -> SHA-256 -> cache -> (miss: one
 //! indexed SELECT) -> decide.
 
-use std::sync::Arc;
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+};
 
 use chrono::Utc;
 
 use crate::{
-    cache::{KeyCache, Lookup},
-    key::{ApiKey, KeyRecord},
+    cache::{CachedKey, KeyCache, Lookup},
+    key::{ApiKey, KeyHash, KeyRecord},
     policy::{self, Decision, Reason},
     store::{Store, StoreError},
+    usage::UsageRecorder,
 };
 
 /// A check's answer: the decision and, once the key is known, its record.
@@ -34,11 +38,19 @@ impl Outcome {
 pub struct Checker {
     cache: KeyCache,
     store: Store,
+    usage: Arc<UsageRecorder>,
+    /// Hashes with a background re-read in flight (one per key at a time).
+    refreshing: Arc<Mutex<HashSet<KeyHash>>>,
 }
 
 impl Checker {
-    pub fn new(cache: KeyCache, store: Store) -> Self {
-        Self { cache, store }
+    pub fn new(cache: KeyCache, store: Store, usage: Arc<UsageRecorder>) -> Self {
+        Self {
+            cache,
+            store,
+            usage,
+            refreshing: Arc::default(),
+        }
     }
 
     pub fn cache(&self) -> &KeyCache {
@@ -59,27 +71,62 @@ impl Checker {
             Ok(key) => key,
             Err(reason) => return Ok(Outcome::denied(reason)),
         };
-        let Some(record) = self.lookup(&key).await? else {
+        let Some(entry) = self.lookup(&key).await? else {
             return Ok(Outcome::denied(Reason::UnknownKey));
         };
+        let now = Utc::now();
+        let decision = policy::decide(&entry.record, request, now);
+        if decision.allowed() {
+            self.usage.record(&entry.usage, now);
+        }
         Ok(Outcome {
-            decision: policy::decide(&record, request, Utc::now()),
-            key: Some(record),
+            decision,
+            key: Some(entry.record.clone()),
         })
     }
 
-    async fn lookup(&self, key: &ApiKey) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+    async fn lookup(&self, key: &ApiKey) -> Result<Option<Arc<CachedKey>>, StoreError> {
         let hash = key.hash();
         match self.cache.get(&hash).await {
-            Some(Lookup::Known(record)) => return Ok(Some(record)),
+            Some(Lookup::Fresh(entry)) => return Ok(Some(entry)),
             Some(Lookup::Unknown) => return Ok(None),
+            // Stale-while-revalidate: answer now, re-read in the background.
+            // While the store is unreachable the stale entry keeps answering
+            // until the cache drops it (soft TTL + stale_if_error).
+            Some(Lookup::Stale(entry)) => {
+                self.refresh_in_background(hash);
+                return Ok(Some(entry));
+            }
             None => {}
         }
         let ticket = self.cache.ticket();
         let found = self.store.find_by_hash(&hash).await?.map(Arc::new);
-        self.cache.fill(ticket, hash, found.clone()).await;
-        Ok(found)
+        Ok(self.cache.fill(ticket, hash, found).await)
     }
+
+    fn refresh_in_background(&self, hash: KeyHash) {
+        if !lock(&self.refreshing).insert(hash) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let ticket = this.cache.ticket();
+            match this.store.find_by_hash(&hash).await {
+                Ok(found) => {
+                    this.cache.fill(ticket, hash, found.map(Arc::new)).await;
+                }
+                Err(err) => {
+                    tracing::debug!(%err, "cannot re-read a stale cache entry; still serving it");
+                }
+            }
+            lock(&this.refreshing).remove(&hash);
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data; a panic elsewhere cannot leave it inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Accepts `<key>` or `Bearer <key>` (scheme case-insensitive, RFC 6750).

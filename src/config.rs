@@ -8,7 +8,14 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::{cache::CacheSettings, key::KeyPrefix, store::DbOptions};
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "keyward", version, about = "API-key authorization service")]
+#[command(
+    name = "keyward",
+    version,
+    about = "API-key authorization service",
+    // A flag given twice takes its last value, as in most CLIs (and lets
+    // scripts append overrides).
+    args_override_self = true
+)]
 pub struct Config {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -59,9 +66,16 @@ pub struct Config {
     )]
     pub cache_capacity: u64,
 
-    /// How long a known key is answered from memory before it is re-read.
+    /// How long a known key is answered from memory before it is re-read
+    /// (in the background: the stale entry answers meanwhile). Changes reach
+    /// every replica at once through NOTIFY; this is the backstop.
     #[arg(long, env = "KEYWARD_CACHE_TTL", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
     pub cache_ttl: Duration,
+
+    /// How much longer than the cache TTL a known key is still answered while
+    /// the database cannot be reached (RFC 5861 stale-if-error).
+    #[arg(long, env = "KEYWARD_STALE_IF_ERROR", default_value = "5m", value_parser = humantime::parse_duration, global = true)]
+    pub stale_if_error: Duration,
 
     /// Unknown keys remembered as unknown (separate, so they cannot evict known keys).
     #[arg(
@@ -75,6 +89,11 @@ pub struct Config {
     /// How long an unknown key is remembered as unknown.
     #[arg(long, env = "KEYWARD_NEGATIVE_CACHE_TTL", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
     pub negative_cache_ttl: Duration,
+
+    /// How often recorded key usage (last_used_at, daily counts) is written,
+    /// in one batched statement.
+    #[arg(long, env = "KEYWARD_USAGE_FLUSH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub usage_flush_interval: Duration,
 
     /// On SIGTERM/SIGINT, how long in-flight calls may finish before the
     /// process exits anyway. Keep it below Kubernetes' terminationGracePeriodSeconds.
@@ -129,6 +148,7 @@ impl Config {
             url: self.database_url.clone(),
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
+            application_name: "keyward".to_owned(),
         }
     }
 
@@ -136,6 +156,7 @@ impl Config {
         CacheSettings {
             capacity: self.cache_capacity,
             ttl: self.cache_ttl,
+            stale_if_error: self.stale_if_error,
             negative_capacity: self.negative_cache_capacity,
             negative_ttl: self.negative_cache_ttl,
         }

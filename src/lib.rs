@@ -15,6 +15,9 @@
 //! - [`cache`] — moka caches of key records by hash, and their invalidation.
 //! - [`policy`] — the decision, a pure function of a key record and a request.
 //! - [`checker`] — the hot path tying parse, hash, cache, store and policy.
+//! - [`invalidation`] — the `LISTEN` task that keeps every replica's cache
+//!   fresh.
+//! - [`usage`] — in-memory usage counts, flushed in batches.
 //! - [`api`] — gRPC handlers; [`api::status`] is the only place errors become
 //!   `tonic::Status`.
 //! - [`pb`] — code generated from `proto/`.
@@ -25,9 +28,11 @@ pub mod api;
 pub mod cache;
 pub mod checker;
 pub mod config;
+pub mod invalidation;
 pub mod key;
 pub mod pb;
 pub mod policy;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod usage;

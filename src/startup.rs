@@ -1,10 +1,14 @@
 //! Assembly: one gRPC server for every plane. `main` and the tests both build
 //! an [`Application`] and run it until a shutdown future resolves.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+    task::JoinHandle,
+};
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::server::HealthReporter;
 
@@ -13,9 +17,11 @@ use crate::{
     cache::KeyCache,
     checker::Checker,
     config::Config,
+    invalidation::{self, LagStats},
     key::{ApiKey, KeyRecord, NewKey, OwnerId, Scope},
     pb::{self, check_service_server::CheckServiceServer, key_service_server::KeyServiceServer},
-    store::{Actor, Store, StoreError},
+    store::{Actor, DbOptions, Store, StoreError},
+    usage::{self, UsageRecorder},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -34,23 +40,89 @@ pub enum StartupError {
     Serve(#[from] tonic::transport::Error),
     #[error("invalid --owner: {0}")]
     Owner(crate::key::Invalid),
+    #[error("cannot listen for cache invalidations")]
+    Listen,
 }
 
-/// A built server, bound to its port but not yet serving.
+/// A built server, bound to its port, listening for invalidations, but not
+/// yet serving.
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
-    store: Store,
     checker: Checker,
     admin: AdminApi,
+    replica: ReplicaHandle,
+    background: Background,
     shutdown_grace: Duration,
 }
 
+/// What a running replica exposes about itself (to tests, benchmarks and
+/// later to metrics). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ReplicaHandle {
+    instance: String,
+    store: Store,
+    lag: Arc<LagStats>,
+    listen_sessions: watch::Receiver<u64>,
+}
+
+impl ReplicaHandle {
+    /// A random id for this process; its connections are named
+    /// `keyward <id>` and `keyward-listener <id>` in `pg_stat_activity`.
+    pub fn instance_id(&self) -> &str {
+        &self.instance
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// How long invalidations took to arrive here.
+    pub fn revocation_lag(&self) -> &LagStats {
+        &self.lag
+    }
+
+    /// `LISTEN` sessions established so far (1 after start, +1 per reconnect).
+    pub fn listen_sessions(&self) -> u64 {
+        *self.listen_sessions.borrow()
+    }
+
+    /// Waits until at least `n` `LISTEN` sessions have been established.
+    pub async fn wait_for_listen_sessions(&self, n: u64, within: Duration) -> bool {
+        let mut rx = self.listen_sessions.clone();
+        tokio::time::timeout(within, rx.wait_for(|s| *s >= n))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// Tasks that live as long as the application.
+struct Background {
+    stop: watch::Sender<bool>,
+    flusher: Option<JoinHandle<()>>,
+    listener: JoinHandle<()>,
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.listener.abort();
+        if let Some(flusher) = &self.flusher {
+            flusher.abort();
+        }
+    }
+}
+
 impl Application {
-    /// Prepares the database (create, migrate), binds the gRPC address and
-    /// wires the services. Port 0 binds a free port; see [`Application::port`].
+    /// Prepares the database (create, migrate), starts listening for
+    /// invalidations, binds the gRPC address and wires the services. Port 0
+    /// binds a free port; see [`Application::port`].
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
-        let store = Store::connect_and_migrate(&config.db()).await?;
+        let instance = format!("{:08x}", rand::random::<u32>());
+        let db = DbOptions {
+            application_name: format!("keyward {instance}"),
+            ..config.db()
+        };
+        let store = Store::connect_and_migrate(&db).await?;
         let listener = TcpListener::bind(config.grpc_addr)
             .await
             .map_err(|source| StartupError::Bind {
@@ -61,14 +133,51 @@ impl Application {
             addr: config.grpc_addr,
             source,
         })?;
-        let checker = Checker::new(KeyCache::new(&config.cache()), store.clone());
-        let admin = AdminApi::new(checker.clone(), store.clone(), config.key_prefix.clone());
+
+        let cache = KeyCache::new(&config.cache());
+        let lag = Arc::new(LagStats::default());
+        let (listener_task, listen_sessions) = invalidation::spawn(
+            store.clone(),
+            cache.clone(),
+            format!("keyward-listener {instance}"),
+            lag.clone(),
+        );
+        let recorder = Arc::new(UsageRecorder::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let flusher = usage::spawn_flusher(
+            store.clone(),
+            recorder.clone(),
+            config.usage_flush_interval,
+            stop_rx,
+        );
+        let background = Background {
+            stop,
+            flusher: Some(flusher),
+            listener: listener_task,
+        };
+        let replica = ReplicaHandle {
+            instance,
+            store: store.clone(),
+            lag,
+            listen_sessions,
+        };
+        // Serve nothing until invalidations can reach this replica.
+        if !replica
+            .wait_for_listen_sessions(1, LISTEN_STARTUP_TIMEOUT)
+            .await
+        {
+            return Err(StartupError::Listen);
+        }
+
+        let checker = Checker::new(cache, store.clone(), recorder);
+        let admin = AdminApi::new(checker.clone(), store, config.key_prefix.clone());
         Ok(Self {
             listener,
             local_addr,
-            store,
             checker,
             admin,
+            replica,
+            background,
             shutdown_grace: config.shutdown_grace,
         })
     }
@@ -82,15 +191,29 @@ impl Application {
     }
 
     pub fn store(&self) -> &Store {
-        &self.store
+        self.replica.store()
+    }
+
+    pub fn replica(&self) -> ReplicaHandle {
+        self.replica.clone()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, reports
-    /// NOT_SERVING, and lets in-flight calls finish for up to the grace period.
+    /// NOT_SERVING, lets in-flight calls finish for up to the grace period,
+    /// and writes the usage recorded so far.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartupError> {
+        let Self {
+            listener,
+            local_addr,
+            checker,
+            admin,
+            replica: _,
+            mut background,
+            shutdown_grace,
+        } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, tonic_health::ServingStatus::Serving).await;
         let reflection = || {
@@ -110,34 +233,46 @@ impl Application {
             let _ = draining_tx.send(());
         };
 
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let server = Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(KeyServiceServer::new(self.admin))
-            .add_service(CheckServiceServer::new(CheckApi::new(self.checker.clone())))
-            .add_service(AuthorizationServer::new(EnvoyApi::new(self.checker)))
+            .add_service(KeyServiceServer::new(admin))
+            .add_service(CheckServiceServer::new(CheckApi::new(checker.clone())))
+            .add_service(AuthorizationServer::new(EnvoyApi::new(checker)))
             .serve_with_incoming_shutdown(incoming, signal);
 
-        tracing::info!(addr = %self.local_addr, "keyward serving");
-        let grace = self.shutdown_grace;
+        tracing::info!(addr = %local_addr, "keyward serving");
         tokio::select! {
             served = server => served?,
             () = async {
                 if draining_rx.await.is_ok() {
-                    tokio::time::sleep(grace).await;
+                    tokio::time::sleep(shutdown_grace).await;
                 } else {
                     std::future::pending::<()>().await;
                 }
             } => {
-                tracing::warn!(grace = ?grace, "grace period over with calls still in flight; exiting");
+                tracing::warn!(grace = ?shutdown_grace, "grace period over with calls still in flight; exiting");
             }
+        }
+        // Write the usage recorded so far (bounded: the database may be down).
+        let _ = background.stop.send(true);
+        if let Some(flusher) = background.flusher.take()
+            && tokio::time::timeout(FINAL_FLUSH_TIMEOUT, flusher)
+                .await
+                .is_err()
+        {
+            tracing::warn!("final usage write timed out");
         }
         tracing::info!("keyward stopped");
         Ok(())
     }
 }
+
+/// The first `LISTEN` must be up before the replica serves.
+const LISTEN_STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn set_health(health: &HealthReporter, status: tonic_health::ServingStatus) {
     for service in [

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use uuid::Uuid;
 
-use super::{api_key, datetime, status::ApiError, status::reason_code};
+use super::{api_key, api_key_with_usage, datetime, status::ApiError, status::reason_code};
 use crate::{
     checker::Checker,
     key::{ApiKey, Invalid, KeyId, KeyPrefix, Metadata, Network, NewKey, OwnerId, Resource, Scope},
@@ -31,6 +31,8 @@ const REASON_MAX: usize = 500;
 const LIST_MAX: usize = 64;
 const PAGE_SIZE_DEFAULT: u32 = 50;
 const PAGE_SIZE_MAX: u32 = 1000;
+/// Days of usage shown by Get and List.
+const USAGE_DAYS: u32 = 30;
 
 #[derive(Debug, Clone)]
 pub struct AdminApi {
@@ -250,9 +252,19 @@ impl pb::key_service_server::KeyService for AdminApi {
             })
             .await
             .map_err(ApiError::from)?;
+        let ids: Vec<KeyId> = page.keys.iter().map(|k| k.id).collect();
+        let usage = self
+            .store
+            .daily_usage(&ids, USAGE_DAYS)
+            .await
+            .map_err(ApiError::from)?;
         let now = Utc::now();
         Ok(Response::new(pb::ListResponse {
-            keys: page.keys.iter().map(|k| api_key(k, now)).collect(),
+            keys: page
+                .keys
+                .iter()
+                .map(|k| api_key_with_usage(k, now, usage.get(&k.id).map_or(&[], Vec::as_slice)))
+                .collect(),
             next_page_token: page.next.map(encode_page_token).unwrap_or_default(),
         }))
     }
@@ -265,7 +277,13 @@ impl pb::key_service_server::KeyService for AdminApi {
             .get_key(id, caller.confined_to())
             .await
             .map_err(not_found)?;
-        Ok(Response::new(api_key(&record, Utc::now())))
+        let usage = self
+            .store
+            .daily_usage(&[record.id], USAGE_DAYS)
+            .await
+            .map_err(ApiError::from)?;
+        let days = usage.get(&record.id).map_or(&[][..], Vec::as_slice);
+        Ok(Response::new(api_key_with_usage(&record, Utc::now(), days)))
     }
 
     async fn disable(

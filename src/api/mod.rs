@@ -7,7 +7,7 @@ pub mod check;
 pub mod envoy;
 pub mod status;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 
 use crate::{
     key::{KeyRecord, KeyState},
@@ -31,6 +31,15 @@ pub(crate) fn datetime(ts: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
 
 /// A key as the admin plane shows it: no secret, no hash.
 pub(crate) fn api_key(key: &KeyRecord, now: DateTime<Utc>) -> pb::ApiKey {
+    api_key_with_usage(key, now, &[])
+}
+
+/// [`api_key`] with its recent daily usage, newest first.
+pub(crate) fn api_key_with_usage(
+    key: &KeyRecord,
+    now: DateTime<Utc>,
+    usage: &[(NaiveDate, u64)],
+) -> pb::ApiKey {
     let state = match key.state_at(now) {
         KeyState::Active => pb::api_key::State::Active,
         KeyState::Disabled => pb::api_key::State::Disabled,
@@ -59,6 +68,13 @@ pub(crate) fn api_key(key: &KeyRecord, now: DateTime<Utc>) -> pb::ApiKey {
         last_used_at: key.last_used_at.map(timestamp),
         disabled_at: key.disabled_at.map(timestamp),
         revoked_reason: key.revoked_reason.clone().unwrap_or_default(),
+        daily_usage: usage
+            .iter()
+            .map(|(day, uses)| pb::DailyUsage {
+                day: day.format("%Y-%m-%d").to_string(),
+                uses: *uses,
+            })
+            .collect(),
     }
 }
 

@@ -63,6 +63,7 @@ fn is_unavailable(code: &str) -> bool {
             | "40001" // serialization failure
             | "40P01" // deadlock detected
             | "25006" // read-only transaction (failover to a replica)
+            | "55000" // database not accepting connections (ALLOW_CONNECTIONS false)
         )
 }
 

@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::atomic::Ordering};
 
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
@@ -177,6 +177,7 @@ impl Store {
 
     /// The hot path's one query on a cache miss.
     pub async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        self.stats.key_lookups.fetch_add(1, Ordering::Relaxed);
         let row: Option<KeyRow> = sqlx::query_as(concat!(
             "SELECT ",
             key_columns!(),

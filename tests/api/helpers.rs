@@ -3,8 +3,9 @@ use std::{net::SocketAddr, sync::Once, time::Duration};
 use clap::Parser as _;
 use keyward::{
     config::Config,
+    key::ApiKey,
     pb::{self, check_service_client::CheckServiceClient, key_service_client::KeyServiceClient},
-    startup::{self, Application, StartupError},
+    startup::{self, Application, ReplicaHandle, StartupError},
     telemetry,
 };
 use sqlx::PgPool;
@@ -18,6 +19,8 @@ pub struct TestApp {
     /// The server's own pool: inspect rows with it, or close it to cut the
     /// server off from the database.
     pub db: PgPool,
+    pub database_url: String,
+    pub replica: ReplicaHandle,
     pub admin_key: String,
     pub admin_id: String,
     pub keys: KeyServiceClient<Channel>,
@@ -43,8 +46,9 @@ pub fn fresh_database_url() -> String {
     format!("{}/keyward_test_{}", server_url(), Uuid::new_v4().simple())
 }
 
-pub fn test_config(database_url: &str) -> Config {
-    Config::try_parse_from([
+/// The test settings, then `extra` flags (a flag given again wins).
+pub fn test_config(database_url: &str, extra: &[&str]) -> Config {
+    let mut args = vec![
         "keyward",
         "--grpc-addr",
         "127.0.0.1:0",
@@ -54,25 +58,60 @@ pub fn test_config(database_url: &str) -> Config {
         "kw_live",
         "--shutdown-grace",
         "2s",
-    ])
-    .expect("test config")
+    ];
+    args.extend_from_slice(extra);
+    Config::try_parse_from(args).expect("test config")
 }
 
+/// A server on a fresh database, with an admin key.
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// [`spawn_app`] with extra settings.
+pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
+    let database_url = fresh_database_url();
+    let config = test_config(&database_url, extra);
+    let (admin, secret) = startup::bootstrap(&config, "ops", "test admin")
+        .await
+        .expect("bootstrap");
+    start(
+        config,
+        database_url,
+        secret.expose_secret().to_owned(),
+        admin.id.to_string(),
+    )
+    .await
+}
+
+/// Another replica on the same database as `of`, sharing its admin key.
+pub async fn spawn_replica(of: &TestApp, extra: &[&str]) -> TestApp {
+    let config = test_config(&of.database_url, extra);
+    start(
+        config,
+        of.database_url.clone(),
+        of.admin_key.clone(),
+        of.admin_id.clone(),
+    )
+    .await
+}
+
+async fn start(
+    config: Config,
+    database_url: String,
+    admin_key: String,
+    admin_id: String,
+) -> TestApp {
     TRACING.call_once(|| {
         if std::env::var_os("TEST_LOG").is_some() {
             telemetry::init(keyward::config::LogFormat::Pretty, "info,keyward=debug")
                 .expect("init logging");
         }
     });
-    let database_url = fresh_database_url();
-    let config = test_config(&database_url);
     let app = Application::build(&config).await.expect("build app");
     let addr = app.local_addr();
     let db = app.store().pool().clone();
-    let (admin, secret) = startup::bootstrap(&config, "ops", "test admin")
-        .await
-        .expect("bootstrap");
+    let replica = app.replica();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = rx.await;
@@ -85,12 +124,33 @@ pub async fn spawn_app() -> TestApp {
     TestApp {
         addr,
         db,
-        admin_key: secret.expose_secret().to_owned(),
-        admin_id: admin.id.to_string(),
+        database_url,
+        replica,
+        admin_key,
+        admin_id,
         keys: KeyServiceClient::new(channel.clone()),
         checks: CheckServiceClient::new(channel),
         shutdown: Some(tx),
         server: Some(server),
+    }
+}
+
+/// Polls `probe` until it returns `Some`, for at most `deadline`; returns the
+/// value and how long it took.
+pub async fn eventually<T, F, Fut>(deadline: Duration, mut probe: F) -> Option<(T, Duration)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return Some((v, start.elapsed()));
+        }
+        if start.elapsed() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -102,6 +162,11 @@ pub fn with_key<T>(message: T, key: &str) -> Request<T> {
         format!("Bearer {key}").parse().expect("ascii header"),
     );
     req
+}
+
+/// A well-formed key that was never minted.
+pub fn never_minted() -> ApiKey {
+    ApiKey::generate(&keyward::key::KeyPrefix::parse("kw_live").expect("prefix"))
 }
 
 impl TestApp {
@@ -121,6 +186,14 @@ impl TestApp {
 
     pub fn admin<T>(&self, message: T) -> Request<T> {
         with_key(message, &self.admin_key)
+    }
+
+    /// The name of this test's database.
+    pub fn database_name(&self) -> &str {
+        self.database_url
+            .rsplit_once('/')
+            .map(|(_, db)| db)
+            .unwrap_or_default()
     }
 
     /// Mints through the API with the admin key; panics on refusal.
@@ -166,6 +239,15 @@ impl TestApp {
             .into_inner()
             .key
             .expect("revoked key")
+    }
+
+    pub async fn get(&self, id: &str) -> pb::ApiKey {
+        self.keys
+            .clone()
+            .get(self.admin(pb::GetRequest { id: id.into() }))
+            .await
+            .expect("get")
+            .into_inner()
     }
 
     /// Rows in (keys, owners, audit_events).

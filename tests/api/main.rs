@@ -6,4 +6,6 @@ mod check;
 mod envoy;
 mod helpers;
 mod list;
+mod replicas;
+mod usage;
 mod walkthrough;

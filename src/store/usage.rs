@@ -1,0 +1,85 @@
+//! Batched usage writes: `last_used_at` and per-day counts, many keys in one
+//! statement, never a write per check.
+
+use std::{collections::HashMap, sync::atomic::Ordering};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::key::KeyId;
+
+/// Usage of one key since the previous write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageWrite {
+    pub key_id: KeyId,
+    pub last_used_at: DateTime<Utc>,
+    pub uses: u64,
+}
+
+impl Store {
+    /// Writes a batch in one statement: `keys.last_used_at` moves forward
+    /// only, and the uses are added to the day (UTC) of the last use.
+    pub async fn record_usage(&self, batch: &[UsageWrite]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = batch.iter().map(|u| u.key_id.as_uuid()).collect();
+        let at: Vec<DateTime<Utc>> = batch.iter().map(|u| u.last_used_at).collect();
+        let uses: Vec<i64> = batch
+            .iter()
+            .map(|u| i64::try_from(u.uses).unwrap_or(i64::MAX))
+            .collect();
+        self.stats.usage_writes.fetch_add(1, Ordering::Relaxed);
+        sqlx::query(
+            "WITH batch AS ( \
+                 SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[]) \
+                     AS b(key_id, last_used_at, uses) \
+             ), touched AS ( \
+                 UPDATE keys k SET last_used_at = b.last_used_at \
+                 FROM batch b \
+                 WHERE k.id = b.key_id \
+                   AND (k.last_used_at IS NULL OR k.last_used_at < b.last_used_at) \
+             ) \
+             INSERT INTO key_usage_daily (key_id, day, uses) \
+             SELECT b.key_id, (b.last_used_at AT TIME ZONE 'UTC')::date, b.uses \
+             FROM batch b JOIN keys k ON k.id = b.key_id \
+             ON CONFLICT (key_id, day) DO UPDATE \
+                 SET uses = key_usage_daily.uses + EXCLUDED.uses",
+        )
+        .bind(ids)
+        .bind(at)
+        .bind(uses)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Uses per day over the last `days` days (UTC), newest first, for each key.
+    pub async fn daily_usage(
+        &self,
+        keys: &[KeyId],
+        days: u32,
+    ) -> Result<HashMap<KeyId, Vec<(NaiveDate, u64)>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<Uuid> = keys.iter().map(KeyId::as_uuid).collect();
+        let rows: Vec<(Uuid, NaiveDate, i64)> = sqlx::query_as(
+            "SELECT key_id, day, uses FROM key_usage_daily \
+             WHERE key_id = ANY($1) AND day > (now() AT TIME ZONE 'UTC')::date - $2::int \
+             ORDER BY key_id, day DESC",
+        )
+        .bind(ids)
+        .bind(i32::try_from(days).unwrap_or(i32::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: HashMap<KeyId, Vec<(NaiveDate, u64)>> = HashMap::new();
+        for (id, day, uses) in rows {
+            out.entry(id.into())
+                .or_default()
+                .push((day, u64::try_from(uses).unwrap_or(0)));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,200 @@
+//! Usage recording for the hot path: an allowed check costs two relaxed
+//! atomic updates; a key joins the flush queue (one short lock) only on its
+//! first use since the last flush. A background task drains the queue into
+//! one batched statement every flush interval.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    },
+};
+
+use chrono::{DateTime, Utc};
+
+use crate::{key::KeyId, store::UsageWrite};
+
+/// Uses of one cached key not yet written.
+#[derive(Debug)]
+pub struct KeyUsage {
+    key_id: KeyId,
+    uses: AtomicU64,
+    last_used_ms: AtomicI64,
+    queued: AtomicBool,
+}
+
+impl KeyUsage {
+    pub fn new(key_id: KeyId) -> Self {
+        Self {
+            key_id,
+            uses: AtomicU64::new(0),
+            last_used_ms: AtomicI64::new(0),
+            queued: AtomicBool::new(false),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct UsageRecorder {
+    queue: Mutex<Vec<Arc<KeyUsage>>>,
+}
+
+impl UsageRecorder {
+    pub fn record(&self, usage: &Arc<KeyUsage>, now: DateTime<Utc>) {
+        usage.uses.fetch_add(1, Ordering::Relaxed);
+        usage
+            .last_used_ms
+            .fetch_max(now.timestamp_millis(), Ordering::Relaxed);
+        if !usage.queued.swap(true, Ordering::AcqRel) {
+            self.lock().push(usage.clone());
+        }
+    }
+
+    /// Takes everything recorded so far, one row per key.
+    ///
+    /// `queued` is cleared before the count is taken: a use racing with the
+    /// drain is either counted now or re-queues the key for the next drain.
+    pub fn drain(&self) -> Vec<UsageWrite> {
+        let queued = std::mem::take(&mut *self.lock());
+        let mut by_key: HashMap<KeyId, UsageWrite> = HashMap::with_capacity(queued.len());
+        for usage in queued {
+            usage.queued.store(false, Ordering::Release);
+            let uses = usage.uses.swap(0, Ordering::AcqRel);
+            if uses == 0 {
+                continue;
+            }
+            let at = DateTime::from_timestamp_millis(usage.last_used_ms.load(Ordering::Relaxed))
+                .unwrap_or_else(Utc::now);
+            by_key
+                .entry(usage.key_id)
+                .and_modify(|w| {
+                    w.uses += uses;
+                    w.last_used_at = w.last_used_at.max(at);
+                })
+                .or_insert(UsageWrite {
+                    key_id: usage.key_id,
+                    last_used_at: at,
+                    uses,
+                });
+        }
+        by_key.into_values().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<KeyUsage>>> {
+        // The queue holds plain data; a panic elsewhere cannot break it.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Merges rows that failed to be written into the next batch, so a short
+/// database outage loses no counts (up to `cap` keys).
+pub fn carry_over(failed: Vec<UsageWrite>, next: &mut Vec<UsageWrite>, cap: usize) {
+    let mut by_key: HashMap<KeyId, UsageWrite> = next.drain(..).map(|w| (w.key_id, w)).collect();
+    for w in failed {
+        if by_key.len() >= cap && !by_key.contains_key(&w.key_id) {
+            continue;
+        }
+        by_key
+            .entry(w.key_id)
+            .and_modify(|n| {
+                n.uses += w.uses;
+                n.last_used_at = n.last_used_at.max(w.last_used_at);
+            })
+            .or_insert(w);
+    }
+    next.extend(by_key.into_values());
+}
+
+/// Writes recorded usage every `interval`, and once more when `stop` fires.
+pub fn spawn_flusher(
+    store: crate::store::Store,
+    recorder: Arc<UsageRecorder>,
+    interval: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    /// Keys whose failed writes are kept for the next attempt.
+    const CARRY_CAP: usize = 100_000;
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending: Vec<UsageWrite> = Vec::new();
+        loop {
+            let stopping = tokio::select! {
+                _ = ticker.tick() => false,
+                _ = stop.changed() => true,
+            };
+            let mut batch = recorder.drain();
+            carry_over(std::mem::take(&mut pending), &mut batch, CARRY_CAP);
+            // An empty batch costs nothing: record_usage returns at once.
+            if let Err(err) = store.record_usage(&batch).await {
+                tracing::warn!(%err, keys = batch.len(), "cannot write key usage; will retry");
+                pending = batch;
+            }
+            if stopping {
+                if !pending.is_empty() {
+                    tracing::warn!(keys = pending.len(), "key usage lost at shutdown");
+                }
+                return;
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uses_are_counted_once_per_key_and_drained_once() {
+        let rec = UsageRecorder::default();
+        let a = Arc::new(KeyUsage::new(KeyId::new_v7()));
+        let b = Arc::new(KeyUsage::new(KeyId::new_v7()));
+        let t0 = Utc::now();
+        for _ in 0..1000 {
+            rec.record(&a, t0);
+        }
+        rec.record(&b, t0);
+        assert_eq!(rec.lock().len(), 2, "each key queued once");
+
+        let mut rows = rec.drain();
+        rows.sort_by_key(|w| w.uses);
+        assert_eq!(rows.iter().map(|w| w.uses).collect::<Vec<_>>(), [1, 1000]);
+        assert!(rec.drain().is_empty(), "nothing left after a drain");
+
+        rec.record(&a, t0);
+        assert_eq!(rec.drain().len(), 1, "a key re-queues after a drain");
+    }
+
+    #[test]
+    fn two_entries_for_one_key_merge() {
+        let rec = UsageRecorder::default();
+        let id = KeyId::new_v7();
+        let (old, new) = (Arc::new(KeyUsage::new(id)), Arc::new(KeyUsage::new(id)));
+        let t0 = Utc::now();
+        rec.record(&old, t0);
+        rec.record(&new, t0 + chrono::Duration::seconds(1));
+        let rows = rec.drain();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].uses, 2);
+        assert_eq!(
+            rows[0].last_used_at.timestamp_millis(),
+            (t0 + chrono::Duration::seconds(1)).timestamp_millis()
+        );
+    }
+
+    #[test]
+    fn failed_writes_carry_over_up_to_the_cap() {
+        let id = KeyId::new_v7();
+        let now = Utc::now();
+        let w = |key_id, uses| UsageWrite {
+            key_id,
+            last_used_at: now,
+            uses,
+        };
+        let mut next = vec![w(id, 2)];
+        carry_over(vec![w(id, 3), w(KeyId::new_v7(), 1)], &mut next, 1);
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].uses, 5);
+    }
+}

@@ -1,0 +1,234 @@
+//! Several keyward replicas on one database: revocation reaches all of them
+//! through LISTEN/NOTIFY, a lost listener reconnects and drops its cache, and
+//! a warm replica rides out a database outage within `stale_if_error`.
+
+use std::time::{Duration, Instant};
+
+use keyward::pb::Reason;
+use sqlx::{Connection as _, PgConnection};
+use tonic::Code;
+
+use crate::helpers::{
+    TestApp, eventually, never_minted, reason, server_url, spawn_app, spawn_replica,
+};
+
+/// Polls `replica` until it answers `want` for `key`, for at most 1 s.
+async fn until_reason(replica: &TestApp, key: &str, want: Reason) -> Duration {
+    let (_, took) = eventually(Duration::from_secs(1), || async {
+        let resp = replica.check_key(key).await.ok()?;
+        (reason(&resp) == want).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("replica did not answer {want:?} within 1 s"));
+    took
+}
+
+/// A connection to the server's maintenance database, for what tests do to
+/// the database itself.
+async fn superuser() -> PgConnection {
+    PgConnection::connect(&format!("{}/postgres", server_url()))
+        .await
+        .expect("connect to postgres")
+}
+
+#[tokio::test]
+async fn a_revocation_through_one_replica_reaches_another_within_a_second() {
+    let a = spawn_app().await;
+    let b = spawn_replica(&a, &[]).await;
+    let minted = a.mint_for("acme").await;
+    let id = minted.key.expect("key").id;
+    // B reads the key from the database and caches it.
+    assert!(b.check_key(&minted.secret).await.expect("check").allowed);
+    assert!(b.check_key(&minted.secret).await.expect("check").allowed);
+
+    a.revoke(&id).await;
+    let took = until_reason(&b, &minted.secret, Reason::Revoked).await;
+    println!("revocation through A reached replica B after {took:?}");
+    let lag = b.replica.revocation_lag();
+    println!(
+        "B's own revocation_lag (commit to eviction): {:?}",
+        lag.last()
+    );
+    assert!(lag.notices() >= 1, "B heard the notice");
+}
+
+#[tokio::test]
+async fn a_change_made_directly_in_sql_reaches_every_replica() {
+    let a = spawn_app().await;
+    let b = spawn_replica(&a, &[]).await;
+    let minted = a.mint_for("acme").await;
+    for replica in [&a, &b] {
+        assert!(
+            replica
+                .check_key(&minted.secret)
+                .await
+                .expect("check")
+                .allowed
+        );
+    }
+
+    // An operator disables the key by hand: the trigger still notifies.
+    sqlx::query("UPDATE keys SET disabled_at = now() WHERE id = $1::uuid")
+        .bind(minted.key.expect("key").id)
+        .execute(&a.db)
+        .await
+        .expect("update");
+
+    for replica in [&a, &b] {
+        until_reason(replica, &minted.secret, Reason::Disabled).await;
+    }
+}
+
+#[tokio::test]
+async fn a_replica_whose_listener_is_killed_reconnects_drops_its_cache_and_hears_later_revocations()
+{
+    let a = spawn_app().await;
+    let b = spawn_replica(&a, &[]).await;
+    let first = a.mint_for("acme").await;
+    let second = a.mint_for("acme").await;
+    for key in [&first.secret, &second.secret] {
+        assert!(b.check_key(key).await.expect("check").allowed);
+    }
+    let lookups = b.replica.store().stats().key_lookups();
+    assert!(b.check_key(&first.secret).await.expect("check").allowed);
+    assert_eq!(
+        b.replica.store().stats().key_lookups(),
+        lookups,
+        "served from cache"
+    );
+
+    // Kill B's LISTEN connection from the database side.
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(format!("keyward-listener {}", b.replica.instance_id()))
+    .fetch_all(&mut superuser().await)
+    .await
+    .expect("terminate");
+    assert_eq!(killed, [true], "exactly B's listener was terminated");
+
+    assert!(
+        b.replica
+            .wait_for_listen_sessions(2, Duration::from_secs(10))
+            .await,
+        "B re-established its LISTEN"
+    );
+    // The cache was dropped: the next check of a cached key reads the store.
+    assert!(b.check_key(&first.secret).await.expect("check").allowed);
+    assert_eq!(
+        b.replica.store().stats().key_lookups(),
+        lookups + 1,
+        "cache dropped"
+    );
+
+    // Revocations made after the reconnect reach B.
+    assert!(b.check_key(&second.secret).await.expect("check").allowed);
+    a.revoke(&second.key.expect("key").id).await;
+    let took = until_reason(&b, &second.secret, Reason::Revoked).await;
+    println!("after B's reconnect, a revocation reached B after {took:?}");
+}
+
+#[tokio::test]
+async fn a_warm_replica_rides_out_a_database_outage_within_stale_if_error() {
+    const TTL: Duration = Duration::from_millis(300);
+    const STALE_IF_ERROR: Duration = Duration::from_secs(3);
+    let a = spawn_app().await;
+    let b = spawn_replica(
+        &a,
+        &[
+            "--cache-ttl",
+            "300ms",
+            "--stale-if-error",
+            "3s",
+            "--db-acquire-timeout",
+            "300ms",
+        ],
+    )
+    .await;
+    let minted = a.mint_for("acme").await;
+    let id = minted.key.expect("key").id;
+    let loaded = Instant::now();
+    assert!(b.check_key(&minted.secret).await.expect("check").allowed);
+
+    // The outage: the database refuses connections and drops the ones it has.
+    let db = a.database_name().to_owned();
+    let mut su = superuser().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        r#"ALTER DATABASE "{db}" ALLOW_CONNECTIONS false"#
+    )))
+    .execute(&mut su)
+    .await
+    .expect("close database");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&db)
+        .execute(&mut su)
+        .await
+        .expect("terminate connections");
+
+    // A key B has not cached cannot be decided: UNAVAILABLE, never an allow.
+    let err = b
+        .check_key(never_minted().expose_secret())
+        .await
+        .expect_err("no store");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // Past its soft TTL but within stale_if_error, the cached key still answers.
+    tokio::time::sleep(
+        (loaded + TTL + Duration::from_millis(100)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    let resp = b.check_key(&minted.secret).await.expect("served stale");
+    assert!(resp.allowed, "{resp:?}");
+    assert!(
+        loaded.elapsed() < TTL + STALE_IF_ERROR,
+        "the test ran too slowly to prove anything"
+    );
+
+    // Past the hard bound it cannot be decided any more.
+    tokio::time::sleep(
+        (loaded + TTL + STALE_IF_ERROR + Duration::from_millis(300))
+            .saturating_duration_since(Instant::now()),
+    )
+    .await;
+    let err = b
+        .check_key(&minted.secret)
+        .await
+        .expect_err("beyond stale_if_error");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // The database comes back: checks and revocations work without a restart.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        r#"ALTER DATABASE "{db}" ALLOW_CONNECTIONS true"#
+    )))
+    .execute(&mut su)
+    .await
+    .expect("reopen database");
+    let recovered = eventually(Duration::from_secs(10), || async {
+        b.check_key(&minted.secret).await.ok().filter(|r| r.allowed)
+    })
+    .await;
+    assert!(
+        recovered.is_some(),
+        "B answers again once the database is back"
+    );
+    assert!(
+        b.replica
+            .wait_for_listen_sessions(2, Duration::from_secs(15))
+            .await,
+        "B's listener came back"
+    );
+    a.revoke(&id).await;
+    until_reason(&b, &minted.secret, Reason::Revoked).await;
+}
+
+#[tokio::test]
+async fn a_replica_started_after_a_revocation_denies_the_key() {
+    // A replica started after the revocation never saw the notice; it must
+    // read the truth from the database.
+    let a = spawn_app().await;
+    let minted = a.mint_for("acme").await;
+    a.revoke(&minted.key.expect("key").id).await;
+    let b = spawn_replica(&a, &[]).await;
+    let resp = b.check_key(&minted.secret).await.expect("check");
+    assert_eq!(reason(&resp), Reason::Revoked);
+}

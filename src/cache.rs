@@ -8,7 +8,9 @@
 //! that the next check re-reads it, and if the store cannot be reached the
 //! stale entry is still served for up to `stale_if_error` more (RFC 5861's
 //! `stale-if-error`). Past both it is gone, and a check that needs it fails
-//! with `UNAVAILABLE` rather than guess.
+//! with `UNAVAILABLE` rather than guess. Entries carry their own load time, so
+//! moka keeps no expiry timers: it only bounds the count (TinyLFU), which
+//! saves memory on every entry.
 //!
 //! Invalidation must not lose a race with a concurrent miss: a lookup that
 //! read the row just before a revocation committed could otherwise put the
@@ -25,11 +27,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moka::future::Cache;
+use moka::sync::Cache;
 
 use crate::{
-    key::{KeyHash, KeyRecord},
-    usage::KeyUsage,
+    key::{Grant, KeyHash, KeyId},
+    usage::{KeyUsage, Used},
 };
 
 /// Sizes and lifetimes of the cache entries.
@@ -48,12 +50,23 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
 }
 
-/// A known key as cached: its record, when it was read, and its unwritten usage.
+/// A known key as cached: what it may do, when that was read, and its
+/// unwritten usage, in one allocation.
 #[derive(Debug)]
 pub struct CachedKey {
-    pub record: Arc<KeyRecord>,
-    pub usage: Arc<KeyUsage>,
+    pub grant: Grant,
+    usage: KeyUsage,
     loaded_at: Instant,
+}
+
+impl Used for CachedKey {
+    fn usage(&self) -> &KeyUsage {
+        &self.usage
+    }
+
+    fn key_id(&self) -> KeyId {
+        self.grant.id
+    }
 }
 
 /// A cache lookup's answer.
@@ -71,6 +84,8 @@ pub struct KeyCache {
     known: Cache<KeyHash, Arc<CachedKey>>,
     unknown: Cache<KeyHash, ()>,
     ttl: Duration,
+    /// `ttl + stale_if_error`: past this an entry is never served.
+    hard: Duration,
     generation: Arc<AtomicU64>,
 }
 
@@ -81,29 +96,31 @@ pub struct Ticket(u64);
 impl KeyCache {
     pub fn new(settings: &CacheSettings) -> Self {
         Self {
-            known: Cache::builder()
-                .max_capacity(settings.capacity)
-                .time_to_live(settings.ttl.saturating_add(settings.stale_if_error))
-                .build(),
+            known: Cache::builder().max_capacity(settings.capacity).build(),
             unknown: Cache::builder()
                 .max_capacity(settings.negative_capacity)
                 .time_to_live(settings.negative_ttl)
                 .build(),
             ttl: settings.ttl,
+            hard: settings.ttl.saturating_add(settings.stale_if_error),
             generation: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// The cached answer for a hash, if any.
-    pub async fn get(&self, hash: &KeyHash) -> Option<Lookup> {
-        if let Some(entry) = self.known.get(hash).await {
-            return Some(if entry.loaded_at.elapsed() < self.ttl {
-                Lookup::Fresh(entry)
-            } else {
-                Lookup::Stale(entry)
-            });
+    pub fn get(&self, hash: &KeyHash) -> Option<Lookup> {
+        if let Some(entry) = self.known.get(hash) {
+            let age = entry.loaded_at.elapsed();
+            if age < self.ttl {
+                return Some(Lookup::Fresh(entry));
+            }
+            if age < self.hard {
+                return Some(Lookup::Stale(entry));
+            }
+            self.known.invalidate(hash);
+            return None;
         }
-        self.unknown.get(hash).await.map(|()| Lookup::Unknown)
+        self.unknown.get(hash).map(|()| Lookup::Unknown)
     }
 
     /// Call before reading the store on a miss; pass the ticket to [`fill`].
@@ -115,39 +132,39 @@ impl KeyCache {
 
     /// Caches what the store said, unless an invalidation overtook the read,
     /// and returns the entry to answer with.
-    pub async fn fill(
+    pub fn fill(
         &self,
         ticket: Ticket,
         hash: KeyHash,
-        found: Option<Arc<KeyRecord>>,
+        found: Option<Grant>,
     ) -> Option<Arc<CachedKey>> {
         let entry = match found {
-            Some(record) => {
+            Some(grant) => {
                 let entry = Arc::new(CachedKey {
-                    usage: Arc::new(KeyUsage::new(record.id)),
-                    record,
+                    grant,
+                    usage: KeyUsage::default(),
                     loaded_at: Instant::now(),
                 });
-                self.unknown.invalidate(&hash).await;
-                self.known.insert(hash, entry.clone()).await;
+                self.unknown.invalidate(&hash);
+                self.known.insert(hash, entry.clone());
                 Some(entry)
             }
             None => {
-                self.known.invalidate(&hash).await;
-                self.unknown.insert(hash, ()).await;
+                self.known.invalidate(&hash);
+                self.unknown.insert(hash, ());
                 None
             }
         };
         if self.generation.load(Ordering::SeqCst) != ticket.0 {
-            self.evict(&hash).await;
+            self.evict(&hash);
         }
         entry
     }
 
     /// Drops whatever is cached for this hash; the next check reads the store.
-    pub async fn invalidate(&self, hash: &KeyHash) {
+    pub fn invalidate(&self, hash: &KeyHash) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.evict(hash).await;
+        self.evict(hash);
     }
 
     /// Drops everything, e.g. when invalidations may have been missed.
@@ -157,9 +174,9 @@ impl KeyCache {
         self.unknown.invalidate_all();
     }
 
-    async fn evict(&self, hash: &KeyHash) {
-        self.known.invalidate(hash).await;
-        self.unknown.invalidate(hash).await;
+    fn evict(&self, hash: &KeyHash) {
+        self.known.invalidate(hash);
+        self.unknown.invalidate(hash);
     }
 
     /// Known keys currently held (approximate, as moka counts lazily).
@@ -170,10 +187,8 @@ impl KeyCache {
 
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
-
     use super::*;
-    use crate::key::{ApiKey, KeyId, KeyPrefix, Metadata, OwnerId};
+    use crate::key::{ApiKey, KeyPrefix, Metadata, OwnerId};
 
     fn settings(ttl: Duration) -> CacheSettings {
         CacheSettings {
@@ -185,83 +200,84 @@ mod tests {
         }
     }
 
-    fn record() -> Arc<KeyRecord> {
+    /// A grant and the hash it is cached under.
+    fn record() -> (KeyHash, Grant) {
         let key = ApiKey::generate(&KeyPrefix::parse("kw_test").unwrap());
-        Arc::new(KeyRecord {
+        let grant = Grant {
             id: KeyId::new_v7(),
-            hash: key.hash(),
-            prefix: key.prefix().to_owned(),
-            start: key.start().to_owned(),
             owner_id: OwnerId::parse("acme").unwrap(),
-            name: String::new(),
-            description: String::new(),
-            scopes: vec![],
-            resources: vec![],
-            ip_allow: vec![],
+            scopes: [].into(),
+            resources: [].into(),
+            ip_allow: [].into(),
             metadata: Metadata::default(),
-            created_at: Utc::now(),
             expires_at: None,
             disabled_at: None,
             revoked_at: None,
-            revoked_reason: None,
-            last_used_at: None,
-        })
+        };
+        (key.hash(), grant)
     }
 
-    #[tokio::test]
-    async fn filled_entries_are_served_until_invalidated() {
+    #[test]
+    fn filled_entries_are_served_until_invalidated() {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
-        let rec = record();
-        let hash = rec.hash;
-        assert!(cache.get(&hash).await.is_none());
-        cache.fill(cache.ticket(), hash, Some(rec)).await;
-        assert!(matches!(cache.get(&hash).await, Some(Lookup::Fresh(_))));
-        cache.invalidate(&hash).await;
-        assert!(cache.get(&hash).await.is_none());
+        let (hash, rec) = record();
+        assert!(cache.get(&hash).is_none());
+        cache.fill(cache.ticket(), hash, Some(rec));
+        assert!(matches!(cache.get(&hash), Some(Lookup::Fresh(_))));
+        cache.invalidate(&hash);
+        assert!(cache.get(&hash).is_none());
     }
 
-    #[tokio::test]
-    async fn entries_past_the_soft_ttl_are_stale_but_still_held() {
+    #[test]
+    fn entries_past_the_hard_bound_are_never_served() {
+        let cache = KeyCache::new(&CacheSettings {
+            ttl: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            ..settings(Duration::ZERO)
+        });
+        let (hash, rec) = record();
+        cache.fill(cache.ticket(), hash, Some(rec));
+        assert!(cache.get(&hash).is_none());
+    }
+
+    #[test]
+    fn entries_past_the_soft_ttl_are_stale_but_still_held() {
         let cache = KeyCache::new(&settings(Duration::ZERO));
-        let rec = record();
-        let hash = rec.hash;
-        cache.fill(cache.ticket(), hash, Some(rec)).await;
-        assert!(matches!(cache.get(&hash).await, Some(Lookup::Stale(_))));
+        let (hash, rec) = record();
+        cache.fill(cache.ticket(), hash, Some(rec));
+        assert!(matches!(cache.get(&hash), Some(Lookup::Stale(_))));
     }
 
-    #[tokio::test]
-    async fn unknown_hashes_are_remembered_until_the_key_appears() {
+    #[test]
+    fn unknown_hashes_are_remembered_until_the_key_appears() {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
-        let rec = record();
-        let hash = rec.hash;
-        cache.fill(cache.ticket(), hash, None).await;
-        assert!(matches!(cache.get(&hash).await, Some(Lookup::Unknown)));
-        cache.fill(cache.ticket(), hash, Some(rec)).await;
-        assert!(matches!(cache.get(&hash).await, Some(Lookup::Fresh(_))));
+        let (hash, rec) = record();
+        cache.fill(cache.ticket(), hash, None);
+        assert!(matches!(cache.get(&hash), Some(Lookup::Unknown)));
+        cache.fill(cache.ticket(), hash, Some(rec));
+        assert!(matches!(cache.get(&hash), Some(Lookup::Fresh(_))));
     }
 
-    #[tokio::test]
-    async fn a_load_overtaken_by_an_invalidation_is_not_kept() {
+    #[test]
+    fn a_load_overtaken_by_an_invalidation_is_not_kept() {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
-        let rec = record();
-        let hash = rec.hash;
+        let (hash, rec) = record();
         let ticket = cache.ticket();
         // The store was read (stale), then the key was revoked elsewhere.
-        cache.invalidate(&hash).await;
-        let served = cache.fill(ticket, hash, Some(rec)).await;
+        cache.invalidate(&hash);
+        let served = cache.fill(ticket, hash, Some(rec));
         assert!(served.is_some(), "the loader still answers its own request");
-        assert!(cache.get(&hash).await.is_none());
+        assert!(cache.get(&hash).is_none());
     }
 
-    #[tokio::test]
-    async fn invalidate_all_empties_both_caches() {
+    #[test]
+    fn invalidate_all_empties_both_caches() {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
-        let (a, b) = (record(), record().hash);
-        let a_hash = a.hash;
-        cache.fill(cache.ticket(), a_hash, Some(a)).await;
-        cache.fill(cache.ticket(), b, None).await;
+        let ((a_hash, a), (b, _)) = (record(), record());
+        cache.fill(cache.ticket(), a_hash, Some(a));
+        cache.fill(cache.ticket(), b, None);
         cache.invalidate_all();
-        assert!(cache.get(&a_hash).await.is_none());
-        assert!(cache.get(&b).await.is_none());
+        assert!(cache.get(&a_hash).is_none());
+        assert!(cache.get(&b).is_none());
     }
 }

@@ -11,27 +11,40 @@ use chrono::Utc;
 
 use crate::{
     cache::{CachedKey, KeyCache, Lookup},
-    key::{ApiKey, KeyHash, KeyRecord},
+    key::{ApiKey, Grant, KeyHash},
     policy::{self, Decision, Reason},
     store::{Store, StoreError},
     usage::UsageRecorder,
 };
 
-/// A check's answer: the decision and, once the key is known, its record.
+/// A check's answer: the decision and, once the key is known, its grant.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub decision: Decision,
-    pub key: Option<Arc<KeyRecord>>,
+    entry: Option<Arc<CachedKey>>,
 }
 
 impl Outcome {
+    /// The key, once known (on allows and on denials after the lookup).
+    pub fn key(&self) -> Option<&Grant> {
+        self.entry.as_deref().map(|e| &e.grant)
+    }
+
     /// A denial settled before the key is known.
     pub fn denied(reason: Reason) -> Self {
         Self {
             decision: Decision::new(reason),
-            key: None,
+            entry: None,
         }
     }
+}
+
+/// What the cache alone can say.
+#[derive(Debug)]
+pub enum Cached {
+    Answered(Outcome),
+    /// Not cached: the store must be read for this hash.
+    Miss(KeyHash),
 }
 
 #[derive(Debug, Clone)]
@@ -67,41 +80,51 @@ impl Checker {
         credential: Option<&str>,
         request: &policy::Request<'_>,
     ) -> Result<Outcome, StoreError> {
-        let key = match parse_credential(credential) {
-            Ok(key) => key,
-            Err(reason) => return Ok(Outcome::denied(reason)),
+        let hash = match self.check_cached(credential, request) {
+            Cached::Answered(outcome) => return Ok(outcome),
+            Cached::Miss(hash) => hash,
         };
-        let Some(entry) = self.lookup(&key).await? else {
-            return Ok(Outcome::denied(Reason::UnknownKey));
-        };
-        let now = Utc::now();
-        let decision = policy::decide(&entry.record, request, now);
-        if decision.allowed() {
-            self.usage.record(&entry.usage, now);
-        }
-        Ok(Outcome {
-            decision,
-            key: Some(entry.record.clone()),
+        let ticket = self.cache.ticket();
+        let found = self.store.find_grant(&hash).await?;
+        Ok(match self.cache.fill(ticket, hash, found) {
+            Some(entry) => self.decide(&entry, request),
+            None => Outcome::denied(Reason::UnknownKey),
         })
     }
 
-    async fn lookup(&self, key: &ApiKey) -> Result<Option<Arc<CachedKey>>, StoreError> {
+    /// The hot path without I/O: answers from the credential alone or from
+    /// the cache, or says which hash must be read from the store.
+    pub fn check_cached(&self, credential: Option<&str>, request: &policy::Request<'_>) -> Cached {
+        let key = match parse_credential(credential) {
+            Ok(key) => key,
+            Err(reason) => return Cached::Answered(Outcome::denied(reason)),
+        };
         let hash = key.hash();
-        match self.cache.get(&hash).await {
-            Some(Lookup::Fresh(entry)) => return Ok(Some(entry)),
-            Some(Lookup::Unknown) => return Ok(None),
+        let entry = match self.cache.get(&hash) {
+            Some(Lookup::Fresh(entry)) => entry,
             // Stale-while-revalidate: answer now, re-read in the background.
             // While the store is unreachable the stale entry keeps answering
             // until the cache drops it (soft TTL + stale_if_error).
             Some(Lookup::Stale(entry)) => {
                 self.refresh_in_background(hash);
-                return Ok(Some(entry));
+                entry
             }
-            None => {}
+            Some(Lookup::Unknown) => return Cached::Answered(Outcome::denied(Reason::UnknownKey)),
+            None => return Cached::Miss(hash),
+        };
+        Cached::Answered(self.decide(&entry, request))
+    }
+
+    fn decide(&self, entry: &Arc<CachedKey>, request: &policy::Request<'_>) -> Outcome {
+        let now = Utc::now();
+        let decision = policy::decide(&entry.grant, request, now);
+        if decision.allowed() {
+            self.usage.record(entry, now);
         }
-        let ticket = self.cache.ticket();
-        let found = self.store.find_by_hash(&hash).await?.map(Arc::new);
-        Ok(self.cache.fill(ticket, hash, found).await)
+        Outcome {
+            decision,
+            entry: Some(entry.clone()),
+        }
     }
 
     fn refresh_in_background(&self, hash: KeyHash) {
@@ -111,9 +134,9 @@ impl Checker {
         let this = self.clone();
         tokio::spawn(async move {
             let ticket = this.cache.ticket();
-            match this.store.find_by_hash(&hash).await {
+            match this.store.find_grant(&hash).await {
                 Ok(found) => {
-                    this.cache.fill(ticket, hash, found.map(Arc::new)).await;
+                    this.cache.fill(ticket, hash, found);
                 }
                 Err(err) => {
                     tracing::debug!(%err, "cannot re-read a stale cache entry; still serving it");

@@ -100,6 +100,24 @@ pub struct Config {
     #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_grace: Duration,
 
+    /// Whether Envoy answers carry dynamic metadata (keyward_key_id, ...) for
+    /// access logs and rate limits. Envoy spends ~10% of its own CPU per
+    /// request applying it (BENCHMARKS.md); turn it off if nothing reads it.
+    #[arg(long, env = "KEYWARD_ENVOY_DYNAMIC_METADATA", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub envoy_dynamic_metadata: bool,
+
+    /// Tokio runtime: `current-thread` runs everything on one thread,
+    /// `multi-thread` on `--worker-threads` threads; `auto` picks
+    /// current-thread when this process may use only one CPU (affinity or
+    /// cgroup quota), multi-thread otherwise. See BENCHMARKS.md for the cost
+    /// of each on one core.
+    #[arg(long, env = "KEYWARD_RUNTIME", value_enum, default_value_t = RuntimeFlavor::Auto, global = true)]
+    pub runtime: RuntimeFlavor,
+
+    /// Worker threads of the multi-thread runtime; default: one per usable CPU.
+    #[arg(long, env = "KEYWARD_WORKER_THREADS", global = true)]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
+
     /// Log output: human-readable or one JSON object per line.
     #[arg(long, env = "KEYWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty, global = true)]
     pub log_format: LogFormat,
@@ -133,6 +151,13 @@ pub enum Command {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeFlavor {
+    Auto,
+    CurrentThread,
+    MultiThread,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Pretty,
     Json,
@@ -143,6 +168,27 @@ fn parse_prefix(s: &str) -> Result<KeyPrefix, String> {
 }
 
 impl Config {
+    /// The tokio runtime these settings ask for.
+    pub fn build_runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let single = match self.runtime {
+            RuntimeFlavor::Auto => cpus == 1 && self.worker_threads.is_none(),
+            RuntimeFlavor::CurrentThread => true,
+            RuntimeFlavor::MultiThread => false,
+        };
+        let mut builder = if single {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(
+                self.worker_threads
+                    .map_or(cpus, std::num::NonZeroUsize::get),
+            );
+            b
+        };
+        builder.enable_all().build()
+    }
+
     pub fn db(&self) -> DbOptions {
         DbOptions {
             url: self.database_url.clone(),
@@ -180,6 +226,25 @@ mod tests {
     fn a_bad_prefix_is_refused_at_startup() {
         let err = Config::try_parse_from(["keyward", "--key-prefix", "KW"]).unwrap_err();
         assert!(err.to_string().contains("key prefix"), "{err}");
+    }
+
+    #[test]
+    fn runtime_flavours_build() {
+        for flavour in ["auto", "current-thread", "multi-thread"] {
+            let c =
+                Config::try_parse_from(["keyward", "--runtime", flavour, "--worker-threads", "2"])
+                    .unwrap();
+            let rt = c.build_runtime().unwrap();
+            assert_eq!(rt.block_on(async { 1 + 1 }), 2);
+        }
+    }
+
+    #[test]
+    fn envoy_dynamic_metadata_is_on_unless_turned_off() {
+        let c = Config::try_parse_from(["keyward"]).unwrap();
+        assert!(c.envoy_dynamic_metadata);
+        let c = Config::try_parse_from(["keyward", "--envoy-dynamic-metadata", "false"]).unwrap();
+        assert!(!c.envoy_dynamic_metadata);
     }
 
     #[test]

@@ -106,7 +106,7 @@ async fn run(
         loop {
             match listener.next(HEARTBEAT).await {
                 Ok(Heard::Invalidation(notice)) => {
-                    cache.invalidate(&notice.hash).await;
+                    cache.invalidate(&notice.hash);
                     if let Some(at) = notice.at {
                         let lag_us = (Utc::now() - at).num_microseconds().unwrap_or(i64::MAX);
                         lag.observe(lag_us);

@@ -20,6 +20,7 @@
 //! - [`usage`] — in-memory usage counts, flushed in batches.
 //! - [`api`] — gRPC handlers; [`api::status`] is the only place errors become
 //!   `tonic::Status`.
+//! - [`net`] — accepted connections, tuned for how h2 writes.
 //! - [`pb`] — code generated from `proto/`.
 //! - [`telemetry`] — logging.
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod checker;
 pub mod config;
 pub mod invalidation;
 pub mod key;
+pub mod net;
 pub mod pb;
 pub mod policy;
 pub mod startup;

@@ -1,4 +1,4 @@
-//! The decision: a pure function of the key record, the request and the time.
+//! The decision: a pure function of the key's grant, the request and the time.
 //! Both front doors (`CheckService.Check`, Envoy's `Authorization.Check`) and
 //! the admin plane's own authorization go through it.
 
@@ -6,7 +6,7 @@ use std::{borrow::Cow, net::IpAddr};
 
 use chrono::{DateTime, Utc};
 
-use crate::key::{KeyRecord, KeyState};
+use crate::key::{Grant, KeyState};
 
 /// Why a check was allowed or denied. The variants are listed in the order a
 /// check evaluates them; the first failure wins.
@@ -126,7 +126,7 @@ pub struct Request<'a> {
 /// Decides for a key that exists. Credential presence, format and existence
 /// (MISSING_KEY, MALFORMED_KEY, UNKNOWN_KEY) are settled before a record can
 /// be looked up, so they are not evaluated here.
-pub fn decide(key: &KeyRecord, req: &Request<'_>, now: DateTime<Utc>) -> Decision {
+pub fn decide(key: &Grant, req: &Request<'_>, now: DateTime<Utc>) -> Decision {
     match key.state_at(now) {
         KeyState::Revoked => return Decision::new(Reason::Revoked),
         KeyState::Expired => return Decision::new(Reason::Expired),
@@ -166,32 +166,23 @@ mod tests {
     use chrono::Duration;
 
     use super::*;
-    use crate::key::{ApiKey, KeyId, KeyPrefix, Metadata, Network, OwnerId, Resource, Scope};
+    use crate::key::{KeyId, Metadata, Network, OwnerId, Resource, Scope};
 
-    fn record() -> KeyRecord {
-        let key = ApiKey::generate(&KeyPrefix::parse("kw_test").unwrap());
-        KeyRecord {
+    fn record() -> Grant {
+        Grant {
             id: KeyId::new_v7(),
-            hash: key.hash(),
-            prefix: key.prefix().to_owned(),
-            start: key.start().to_owned(),
             owner_id: OwnerId::parse("acme").unwrap(),
-            name: String::new(),
-            description: String::new(),
-            scopes: vec![Scope::parse("orders:read").unwrap()],
-            resources: vec![],
-            ip_allow: vec![],
+            scopes: [Scope::parse("orders:read").unwrap()].into(),
+            resources: [].into(),
+            ip_allow: [].into(),
             metadata: Metadata::default(),
-            created_at: Utc::now(),
             expires_at: None,
             disabled_at: None,
             revoked_at: None,
-            revoked_reason: None,
-            last_used_at: None,
         }
     }
 
-    fn reason(key: &KeyRecord, req: &Request<'_>) -> Reason {
+    fn reason(key: &Grant, req: &Request<'_>) -> Reason {
         decide(key, req, Utc::now()).reason
     }
 
@@ -227,7 +218,7 @@ mod tests {
     #[test]
     fn ip_allow_list_matches_blocks_and_mapped_addresses() {
         let mut key = record();
-        key.ip_allow = vec![Network::parse("10.0.0.0/8").unwrap()];
+        key.ip_allow = [Network::parse("10.0.0.0/8").unwrap()].into();
         let from = |ip: &str| Request {
             client_ip: Some(ip.parse().unwrap()),
             ..Request::default()
@@ -241,7 +232,7 @@ mod tests {
     #[test]
     fn resource_limits_fail_closed() {
         let mut key = record();
-        key.resources = vec![Resource::parse("billing").unwrap()];
+        key.resources = [Resource::parse("billing").unwrap()].into();
         let on = |r| Request {
             resource: Some(r),
             ..Request::default()
@@ -276,8 +267,8 @@ mod tests {
     #[test]
     fn ip_is_checked_before_resource_and_resource_before_scope() {
         let mut key = record();
-        key.ip_allow = vec![Network::parse("10.0.0.0/8").unwrap()];
-        key.resources = vec![Resource::parse("billing").unwrap()];
+        key.ip_allow = [Network::parse("10.0.0.0/8").unwrap()].into();
+        key.resources = [Resource::parse("billing").unwrap()].into();
         let scopes = ["orders:write"];
         let req = Request {
             resource: Some("orders"),

@@ -9,6 +9,7 @@ use tokio::{
     sync::{oneshot, watch},
     task::JoinHandle,
 };
+use tokio_stream::StreamExt as _;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::server::HealthReporter;
 
@@ -19,6 +20,7 @@ use crate::{
     config::Config,
     invalidation::{self, LagStats},
     key::{ApiKey, KeyRecord, NewKey, OwnerId, Scope},
+    net::Coalescing,
     pb::{self, check_service_server::CheckServiceServer, key_service_server::KeyServiceServer},
     store::{Actor, DbOptions, Store, StoreError},
     usage::{self, UsageRecorder},
@@ -54,6 +56,7 @@ pub struct Application {
     replica: ReplicaHandle,
     background: Background,
     shutdown_grace: Duration,
+    envoy_dynamic_metadata: bool,
 }
 
 /// What a running replica exposes about itself (to tests, benchmarks and
@@ -179,6 +182,7 @@ impl Application {
             replica,
             background,
             shutdown_grace: config.shutdown_grace,
+            envoy_dynamic_metadata: config.envoy_dynamic_metadata,
         })
     }
 
@@ -213,6 +217,7 @@ impl Application {
             replica: _,
             mut background,
             shutdown_grace,
+            envoy_dynamic_metadata,
         } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, tonic_health::ServingStatus::Serving).await;
@@ -233,14 +238,19 @@ impl Application {
             let _ = draining_tx.send(());
         };
 
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(|conn| conn.map(Coalescing));
         let server = Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(KeyServiceServer::new(admin))
             .add_service(CheckServiceServer::new(CheckApi::new(checker.clone())))
-            .add_service(AuthorizationServer::new(EnvoyApi::new(checker)))
+            .add_service(AuthorizationServer::new(EnvoyApi::new(
+                checker,
+                envoy_dynamic_metadata,
+            )))
             .serve_with_incoming_shutdown(incoming, signal);
 
         tracing::info!(addr = %local_addr, "keyward serving");

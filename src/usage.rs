@@ -15,39 +15,40 @@ use chrono::{DateTime, Utc};
 
 use crate::{key::KeyId, store::UsageWrite};
 
-/// Uses of one cached key not yet written.
-#[derive(Debug)]
+/// Uses of one cached key not yet written. Lives inside the cache entry.
+#[derive(Debug, Default)]
 pub struct KeyUsage {
-    key_id: KeyId,
     uses: AtomicU64,
     last_used_ms: AtomicI64,
     queued: AtomicBool,
 }
 
-impl KeyUsage {
-    pub fn new(key_id: KeyId) -> Self {
-        Self {
-            key_id,
-            uses: AtomicU64::new(0),
-            last_used_ms: AtomicI64::new(0),
-            queued: AtomicBool::new(false),
-        }
+/// Something whose usage is recorded: a cache entry, for the recorder.
+pub trait Used: Send + Sync {
+    fn usage(&self) -> &KeyUsage;
+    fn key_id(&self) -> KeyId;
+}
+
+#[derive(Default)]
+pub struct UsageRecorder {
+    queue: Mutex<Vec<Arc<dyn Used>>>,
+}
+
+impl std::fmt::Debug for UsageRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageRecorder").finish_non_exhaustive()
     }
 }
 
-#[derive(Debug, Default)]
-pub struct UsageRecorder {
-    queue: Mutex<Vec<Arc<KeyUsage>>>,
-}
-
 impl UsageRecorder {
-    pub fn record(&self, usage: &Arc<KeyUsage>, now: DateTime<Utc>) {
+    pub fn record<T: Used + 'static>(&self, entry: &Arc<T>, now: DateTime<Utc>) {
+        let usage = entry.usage();
         usage.uses.fetch_add(1, Ordering::Relaxed);
         usage
             .last_used_ms
             .fetch_max(now.timestamp_millis(), Ordering::Relaxed);
         if !usage.queued.swap(true, Ordering::AcqRel) {
-            self.lock().push(usage.clone());
+            self.lock().push(entry.clone());
         }
     }
 
@@ -58,7 +59,8 @@ impl UsageRecorder {
     pub fn drain(&self) -> Vec<UsageWrite> {
         let queued = std::mem::take(&mut *self.lock());
         let mut by_key: HashMap<KeyId, UsageWrite> = HashMap::with_capacity(queued.len());
-        for usage in queued {
+        for entry in queued {
+            let usage = entry.usage();
             usage.queued.store(false, Ordering::Release);
             let uses = usage.uses.swap(0, Ordering::AcqRel);
             if uses == 0 {
@@ -66,14 +68,15 @@ impl UsageRecorder {
             }
             let at = DateTime::from_timestamp_millis(usage.last_used_ms.load(Ordering::Relaxed))
                 .unwrap_or_else(Utc::now);
+            let key_id = entry.key_id();
             by_key
-                .entry(usage.key_id)
+                .entry(key_id)
                 .and_modify(|w| {
                     w.uses += uses;
                     w.last_used_at = w.last_used_at.max(at);
                 })
                 .or_insert(UsageWrite {
-                    key_id: usage.key_id,
+                    key_id,
                     last_used_at: at,
                     uses,
                 });
@@ -81,7 +84,7 @@ impl UsageRecorder {
         by_key.into_values().collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<KeyUsage>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<dyn Used>>> {
         // The queue holds plain data; a panic elsewhere cannot break it.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -145,11 +148,25 @@ pub fn spawn_flusher(
 mod tests {
     use super::*;
 
+    struct Entry(KeyId, KeyUsage);
+
+    impl Used for Entry {
+        fn usage(&self) -> &KeyUsage {
+            &self.1
+        }
+        fn key_id(&self) -> KeyId {
+            self.0
+        }
+    }
+
+    fn entry(id: KeyId) -> Arc<Entry> {
+        Arc::new(Entry(id, KeyUsage::default()))
+    }
+
     #[test]
     fn uses_are_counted_once_per_key_and_drained_once() {
         let rec = UsageRecorder::default();
-        let a = Arc::new(KeyUsage::new(KeyId::new_v7()));
-        let b = Arc::new(KeyUsage::new(KeyId::new_v7()));
+        let (a, b) = (entry(KeyId::new_v7()), entry(KeyId::new_v7()));
         let t0 = Utc::now();
         for _ in 0..1000 {
             rec.record(&a, t0);
@@ -170,7 +187,7 @@ mod tests {
     fn two_entries_for_one_key_merge() {
         let rec = UsageRecorder::default();
         let id = KeyId::new_v7();
-        let (old, new) = (Arc::new(KeyUsage::new(id)), Arc::new(KeyUsage::new(id)));
+        let (old, new) = (entry(id), entry(id));
         let t0 = Utc::now();
         rec.record(&old, t0);
         rec.record(&new, t0 + chrono::Duration::seconds(1));

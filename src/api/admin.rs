@@ -15,7 +15,10 @@ use uuid::Uuid;
 use super::{api_key, api_key_with_usage, datetime, status::ApiError, status::reason_code};
 use crate::{
     checker::Checker,
-    key::{ApiKey, Invalid, KeyId, KeyPrefix, Metadata, Network, NewKey, OwnerId, Resource, Scope},
+    key::{
+        ApiKey, Grant, Invalid, KeyId, KeyPrefix, Metadata, Network, NewKey, OwnerId, Resource,
+        Scope,
+    },
     pb,
     policy::{self, Reason},
     store::{Actor, ListQuery, Store, StoreError},
@@ -73,7 +76,7 @@ impl AdminApi {
         };
         let outcome = self.checker.check(credential, &request).await?;
         let reason = outcome.decision.reason;
-        let key = match (reason, outcome.key) {
+        let key = match (reason, outcome.key()) {
             (Reason::Ok, Some(key)) => key,
             _ => {
                 let msg = Cow::Owned(format!(
@@ -177,8 +180,7 @@ impl pb::key_service_server::KeyService for AdminApi {
         // Warm the cache: the first check of a new key should not miss.
         self.checker
             .cache()
-            .fill(ticket, record.hash, Some(record.into()))
-            .await;
+            .fill(ticket, record.hash, Some(Grant::from(&record)));
         Ok(Response::new(pb::MintResponse {
             key: Some(key),
             secret: secret.expose_secret().to_owned(),
@@ -202,7 +204,7 @@ impl pb::key_service_server::KeyService for AdminApi {
             )
             .await
             .map_err(not_found)?;
-        self.checker.cache().invalidate(&record.hash).await;
+        self.checker.cache().invalidate(&record.hash);
         tracing::info!(key_id = %record.id, owner_id = %record.owner_id, "key revoked");
         Ok(Response::new(pb::RevokeResponse {
             key: Some(api_key(&record, Utc::now())),
@@ -317,7 +319,7 @@ impl AdminApi {
             .set_key_disabled(id, disabled, caller.confined_to(), &caller.actor())
             .await
             .map_err(not_found)?;
-        self.checker.cache().invalidate(&record.hash).await;
+        self.checker.cache().invalidate(&record.hash);
         tracing::info!(key_id = %record.id, disabled, "key state changed");
         Ok(Response::new(api_key(&record, Utc::now())))
     }

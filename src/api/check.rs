@@ -47,15 +47,15 @@ impl pb::check_service_server::CheckService for CheckApi {
             .await
             .map_err(|err| store_status(&err))?;
 
-        let decision = outcome.decision;
+        let decision = &outcome.decision;
         let mut resp = pb::CheckResponse {
             allowed: decision.allowed(),
             reason: reason_pb(decision.reason).into(),
             http_status: decision.reason.http_status().into(),
-            message: decision.message.into_owned(),
+            message: decision.message.to_string(),
             ..Default::default()
         };
-        if let Some(key) = outcome.key {
+        if let Some(key) = outcome.key() {
             resp.key_id = key.id.to_string();
             resp.owner_id = key.owner_id.to_string();
             if resp.allowed {

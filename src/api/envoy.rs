@@ -42,20 +42,27 @@ pub const HEADER_KEY_ID: &str = "x-keyward-key-id";
 pub const HEADER_OWNER_ID: &str = "x-keyward-owner-id";
 pub const HEADER_SCOPES: &str = "x-keyward-scopes";
 pub const HEADER_REASON: &str = "x-keyward-reason";
-/// Key under which keyward's facts appear in Envoy's dynamic metadata
-/// (`%DYNAMIC_METADATA(envoy.filters.http.ext_authz:keyward_owner_id)%`).
-const METADATA_PREFIX: &str = "keyward_";
+// keyward's facts appear in Envoy's dynamic metadata under
+// envoy.filters.http.ext_authz as keyward_reason, keyward_key_id,
+// keyward_owner_id and keyward_scopes, e.g.
+// %DYNAMIC_METADATA(envoy.filters.http.ext_authz:keyward_owner_id)%.
 /// Credential headers, stripped from every allowed request.
 const CREDENTIAL_HEADERS: [&str; 2] = ["authorization", "x-api-key"];
 
 #[derive(Debug, Clone)]
 pub struct EnvoyApi {
     checker: Checker,
+    dynamic_metadata: bool,
 }
 
 impl EnvoyApi {
-    pub fn new(checker: Checker) -> Self {
-        Self { checker }
+    /// `dynamic_metadata`: whether answers carry keyward's facts as Envoy
+    /// dynamic metadata (Envoy pays to apply it on every request).
+    pub fn new(checker: Checker, dynamic_metadata: bool) -> Self {
+        Self {
+            checker,
+            dynamic_metadata,
+        }
     }
 }
 
@@ -96,7 +103,7 @@ impl Authorization for EnvoyApi {
                     .map_err(|err| store_status(&err))?
             }
         };
-        Ok(Response::new(respond(&outcome)))
+        Ok(Response::new(respond(&outcome, self.dynamic_metadata)))
     }
 }
 
@@ -187,40 +194,31 @@ fn client_ip(
     }
 }
 
-fn respond(outcome: &Outcome) -> CheckResponse {
+fn respond(outcome: &Outcome, with_metadata: bool) -> CheckResponse {
     let reason = outcome.decision.reason;
-    let mut facts = vec![("reason", string(reason.as_str()))];
-    if let Some(key) = &outcome.key {
-        facts.push(("key_id", string(key.id.to_string())));
-        facts.push(("owner_id", string(key.owner_id.to_string())));
-    }
+    let key = outcome.key();
+    let key_id = key.map(|k| k.id.to_string());
+    let owner_id = key.map(|k| k.owner_id.to_string());
 
     let http_response = if reason.is_allowed() {
-        let key = outcome.key.as_ref();
-        let key_id = key.map(|k| k.id.to_string()).unwrap_or_default();
-        let owner_id = key.map(|k| k.owner_id.to_string()).unwrap_or_default();
-        let scopes: Vec<&str> = key
-            .map(|k| k.scopes.iter().map(|s| s.as_str()).collect())
-            .unwrap_or_default();
-        facts.push((
-            "scopes",
-            Value {
-                kind: Some(Kind::ListValue(ListValue {
-                    values: scopes.iter().map(|s| string(*s)).collect(),
-                })),
-            },
-        ));
+        let scopes = key.map(|k| {
+            k.scopes
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        });
         let mut ok = OkHttpResponseBuilder::new();
         // Overwrite, never append: a client cannot smuggle its own identity
         // headers upstream. Kept when empty for the same reason.
         for (name, value) in [
-            (HEADER_KEY_ID, key_id),
-            (HEADER_OWNER_ID, owner_id),
-            (HEADER_SCOPES, scopes.join(",")),
+            (HEADER_KEY_ID, &key_id),
+            (HEADER_OWNER_ID, &owner_id),
+            (HEADER_SCOPES, &scopes),
         ] {
             ok.add_header(
                 name,
-                value,
+                value.clone().unwrap_or_default(),
                 Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
                 true,
             );
@@ -231,15 +229,9 @@ fn respond(outcome: &Outcome) -> CheckResponse {
         HttpResponse::OkResponse(ok.build())
     } else {
         let status = reason.http_status();
-        let body = serde_json::json!({
-            "error": reason.as_str(),
-            "message": outcome.decision.message,
-            "status": status,
-        })
-        .to_string();
         let mut denied = DeniedHttpResponseBuilder::new();
         denied.set_http_status(http_status_code(status));
-        denied.set_body(body);
+        denied.set_body(deny_body(reason, &outcome.decision.message, status));
         let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
         denied.add_header("content-type", "application/json", overwrite, false);
         denied.add_header(HEADER_REASON, reason.as_str(), overwrite, false);
@@ -255,6 +247,25 @@ fn respond(outcome: &Outcome) -> CheckResponse {
         HttpResponse::DeniedResponse(denied.build())
     };
 
+    let dynamic_metadata = with_metadata.then(|| {
+        let mut fields = HashMap::with_capacity(4);
+        fields.insert("keyward_reason".to_owned(), string(reason.as_str()));
+        if let (Some(key), Some(id), Some(owner)) = (key, key_id, owner_id) {
+            fields.insert("keyward_key_id".to_owned(), string(id));
+            fields.insert("keyward_owner_id".to_owned(), string(owner));
+            if reason.is_allowed() {
+                let scopes = key.scopes.iter().map(|s| string(s.as_str())).collect();
+                fields.insert(
+                    "keyward_scopes".to_owned(),
+                    Value {
+                        kind: Some(Kind::ListValue(ListValue { values: scopes })),
+                    },
+                );
+            }
+        }
+        Struct { fields }
+    });
+
     CheckResponse {
         status: Some(rpc::Status {
             code: reason_code(reason) as i32,
@@ -266,13 +277,18 @@ fn respond(outcome: &Outcome) -> CheckResponse {
             details: Vec::new(),
         }),
         http_response: Some(http_response),
-        dynamic_metadata: Some(Struct {
-            fields: facts
-                .into_iter()
-                .map(|(k, v)| (format!("{METADATA_PREFIX}{k}"), v))
-                .collect(),
-        }),
+        dynamic_metadata,
     }
+}
+
+/// `{"error":"...","message":"...","status":401}`; only the message needs
+/// escaping (reasons are fixed identifiers).
+fn deny_body(reason: Reason, message: &str, status: u16) -> String {
+    let message = serde_json::to_string(message).unwrap_or_else(|_| "\"\"".to_owned());
+    format!(
+        r#"{{"error":"{}","message":{message},"status":{status}}}"#,
+        reason.as_str()
+    )
 }
 
 fn string(s: impl Into<String>) -> Value {
@@ -371,7 +387,7 @@ mod tests {
 
     #[test]
     fn denials_carry_status_body_and_headers() {
-        let resp = respond(&Outcome::denied(Reason::MissingKey));
+        let resp = respond(&Outcome::denied(Reason::MissingKey), true);
         assert_eq!(
             resp.status.as_ref().map(|s| s.code),
             Some(tonic::Code::Unauthenticated as i32)
@@ -389,5 +405,23 @@ mod tests {
             .filter_map(|h| h.header.as_ref().map(|h| h.key.as_str()))
             .collect();
         assert_eq!(names, ["content-type", HEADER_REASON, "www-authenticate"]);
+    }
+
+    #[test]
+    fn deny_bodies_are_json_with_the_message_escaped() {
+        let body = deny_body(Reason::ScopeMissing, r#"lacks "a\b""#, 403);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], "SCOPE_MISSING");
+        assert_eq!(v["message"], r#"lacks "a\b""#);
+        assert_eq!(v["status"], 403);
+    }
+
+    #[test]
+    fn dynamic_metadata_can_be_left_out() {
+        let with = respond(&Outcome::denied(Reason::MissingKey), true);
+        let fields = &with.dynamic_metadata.expect("metadata").fields;
+        assert!(fields.contains_key("keyward_reason"));
+        let without = respond(&Outcome::denied(Reason::MissingKey), false);
+        assert!(without.dynamic_metadata.is_none());
     }
 }

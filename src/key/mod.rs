@@ -10,5 +10,5 @@ mod record;
 mod secret;
 
 pub use fields::{Invalid, KeyId, Metadata, Network, OwnerId, Resource, Scope};
-pub use record::{KeyRecord, KeyState, NewKey};
+pub use record::{Grant, KeyRecord, KeyState, NewKey};
 pub use secret::{ApiKey, KeyFormatError, KeyHash, KeyPrefix};

@@ -36,21 +36,70 @@ pub enum KeyState {
     Disabled,
 }
 
+fn state(
+    revoked_at: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+    disabled_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> KeyState {
+    if revoked_at.is_some() {
+        KeyState::Revoked
+    } else if expires_at.is_some_and(|at| at <= now) {
+        KeyState::Expired
+    } else if disabled_at.is_some() {
+        KeyState::Disabled
+    } else {
+        KeyState::Active
+    }
+}
+
 impl KeyRecord {
     pub fn state_at(&self, now: DateTime<Utc>) -> KeyState {
-        if self.revoked_at.is_some() {
-            KeyState::Revoked
-        } else if self.expires_at.is_some_and(|at| at <= now) {
-            KeyState::Expired
-        } else if self.disabled_at.is_some() {
-            KeyState::Disabled
-        } else {
-            KeyState::Active
-        }
+        state(self.revoked_at, self.expires_at, self.disabled_at, now)
+    }
+}
+
+/// What a key may do: the part of its record that checks and their answers
+/// need. Every cached key holds one, so it is kept small: no name, no
+/// description, no timestamps beyond the three that decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub id: KeyId,
+    pub owner_id: OwnerId,
+    pub scopes: Box<[Scope]>,
+    /// Empty: every resource.
+    pub resources: Box<[Resource]>,
+    /// Empty: any client address.
+    pub ip_allow: Box<[Network]>,
+    pub metadata: Metadata,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub disabled_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl Grant {
+    pub fn state_at(&self, now: DateTime<Utc>) -> KeyState {
+        state(self.revoked_at, self.expires_at, self.disabled_at, now)
     }
 
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s.as_str() == scope)
+    }
+}
+
+impl From<&KeyRecord> for Grant {
+    fn from(r: &KeyRecord) -> Self {
+        Self {
+            id: r.id,
+            owner_id: r.owner_id.clone(),
+            scopes: r.scopes.clone().into(),
+            resources: r.resources.clone().into(),
+            ip_allow: r.ip_allow.clone().into(),
+            metadata: r.metadata.clone(),
+            expires_at: r.expires_at,
+            disabled_at: r.disabled_at,
+            revoked_at: r.revoked_at,
+        }
     }
 }
 

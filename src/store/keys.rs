@@ -7,7 +7,9 @@ use sqlx::{PgConnection, types::Json};
 use uuid::Uuid;
 
 use super::{Store, StoreError};
-use crate::key::{KeyHash, KeyId, KeyRecord, Metadata, Network, NewKey, OwnerId, Resource, Scope};
+use crate::key::{
+    Grant, KeyHash, KeyId, KeyRecord, Metadata, Network, NewKey, OwnerId, Resource, Scope,
+};
 
 macro_rules! key_columns {
     () => {
@@ -81,6 +83,52 @@ struct KeyRow {
     last_used_at: Option<DateTime<Utc>>,
 }
 
+#[derive(sqlx::FromRow)]
+struct GrantRow {
+    id: Uuid,
+    owner_id: String,
+    scopes: Vec<String>,
+    resources: Vec<String>,
+    ip_allow: Vec<IpNet>,
+    metadata: Json<BTreeMap<String, String>>,
+    expires_at: Option<DateTime<Utc>>,
+    disabled_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Parses stored text back into the newtypes it was validated into.
+fn parse_all<T>(
+    id: Uuid,
+    what: &str,
+    values: &[String],
+    parse: impl Fn(&str) -> Result<T, crate::key::Invalid>,
+) -> Result<Vec<T>, StoreError> {
+    values
+        .iter()
+        .map(|v| parse(v))
+        .collect::<Result<_, _>>()
+        .map_err(|_| StoreError::Corrupt(format!("key {id}: {what}")))
+}
+
+impl TryFrom<GrantRow> for Grant {
+    type Error = StoreError;
+
+    fn try_from(row: GrantRow) -> Result<Self, Self::Error> {
+        Ok(Grant {
+            id: row.id.into(),
+            owner_id: OwnerId::parse(&row.owner_id)
+                .map_err(|_| StoreError::Corrupt(format!("key {}: owner_id", row.id)))?,
+            scopes: parse_all(row.id, "scopes", &row.scopes, Scope::parse)?.into(),
+            resources: parse_all(row.id, "resources", &row.resources, Resource::parse)?.into(),
+            ip_allow: row.ip_allow.into_iter().map(Network::from).collect(),
+            metadata: Metadata::from(row.metadata.0),
+            expires_at: row.expires_at,
+            disabled_at: row.disabled_at,
+            revoked_at: row.revoked_at,
+        })
+    }
+}
+
 impl TryFrom<KeyRow> for KeyRecord {
     type Error = StoreError;
 
@@ -88,18 +136,8 @@ impl TryFrom<KeyRow> for KeyRecord {
         let corrupt = |what: &str| StoreError::Corrupt(format!("key {}: {what}", row.id));
         let hash = KeyHash::from_slice(&row.hash).ok_or_else(|| corrupt("hash length"))?;
         let owner_id = OwnerId::parse(&row.owner_id).map_err(|_| corrupt("owner_id"))?;
-        let scopes = row
-            .scopes
-            .iter()
-            .map(|s| Scope::parse(s))
-            .collect::<Result<_, _>>()
-            .map_err(|_| corrupt("scopes"))?;
-        let resources = row
-            .resources
-            .iter()
-            .map(|s| Resource::parse(s))
-            .collect::<Result<_, _>>()
-            .map_err(|_| corrupt("resources"))?;
+        let scopes = parse_all(row.id, "scopes", &row.scopes, Scope::parse)?;
+        let resources = parse_all(row.id, "resources", &row.resources, Resource::parse)?;
         Ok(KeyRecord {
             id: row.id.into(),
             hash,
@@ -123,19 +161,34 @@ impl TryFrom<KeyRow> for KeyRecord {
 }
 
 impl Store {
-    /// Stores a new key (creating its owner on first use) with its audit event.
+    /// Stores a new key (creating its owner on first use) with its audit
+    /// event: one statement, hence one transaction and one round trip.
     pub async fn insert_key(&self, new: &NewKey, actor: &Actor) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO owners (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
-            .bind(new.owner_id.as_str())
-            .execute(&mut *tx)
-            .await?;
+        let scopes: Vec<&str> = new.scopes.iter().map(Scope::as_str).collect();
+        let resources: Vec<&str> = new.resources.iter().map(Resource::as_str).collect();
+        let details = json!({
+            "name": new.name,
+            "prefix": new.prefix,
+            "start": new.start,
+            "scopes": scopes,
+            "resources": resources,
+            "expires_at": new.expires_at.map(|at| at.to_rfc3339()),
+        });
         let row: KeyRow = sqlx::query_as(concat!(
-            "INSERT INTO keys (id, hash, prefix, start, owner_id, name, description, \
-             scopes, resources, ip_allow, metadata, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::cidr[], $11, $12) \
-             RETURNING ",
-            key_columns!()
+            "WITH owner AS ( \
+                 INSERT INTO owners (id) VALUES ($5) ON CONFLICT (id) DO NOTHING \
+             ), k AS ( \
+                 INSERT INTO keys (id, hash, prefix, start, owner_id, name, description, \
+                                   scopes, resources, ip_allow, metadata, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::cidr[], $11, $12) \
+                 RETURNING * \
+             ), audit AS ( \
+                 INSERT INTO audit_events (actor, actor_key_id, action, key_id, owner_id, details) \
+                 SELECT $13, $14, 'key.mint', k.id, k.owner_id, $15 FROM k \
+             ) \
+             SELECT ",
+            key_columns!(),
+            " FROM k"
         ))
         .bind(new.id.as_uuid())
         .bind(new.hash.as_bytes().as_slice())
@@ -144,13 +197,8 @@ impl Store {
         .bind(new.owner_id.as_str())
         .bind(&new.name)
         .bind(&new.description)
-        .bind(new.scopes.iter().map(Scope::as_str).collect::<Vec<_>>())
-        .bind(
-            new.resources
-                .iter()
-                .map(Resource::as_str)
-                .collect::<Vec<_>>(),
-        )
+        .bind(&scopes)
+        .bind(&resources)
         .bind(
             new.ip_allow
                 .iter()
@@ -159,34 +207,26 @@ impl Store {
         )
         .bind(Json(new.metadata.as_map()))
         .bind(new.expires_at)
-        .fetch_one(&mut *tx)
+        .bind(&actor.label)
+        .bind(actor.key_id.map(|id| id.as_uuid()))
+        .bind(Json(details))
+        .fetch_one(&self.pool)
         .await?;
-        let record = KeyRecord::try_from(row)?;
-        let details = json!({
-            "name": record.name,
-            "prefix": record.prefix,
-            "start": record.start,
-            "scopes": new.scopes.iter().map(Scope::as_str).collect::<Vec<_>>(),
-            "resources": new.resources.iter().map(Resource::as_str).collect::<Vec<_>>(),
-            "expires_at": record.expires_at.map(|at| at.to_rfc3339()),
-        });
-        audit(&mut tx, actor, "key.mint", &record, details).await?;
-        tx.commit().await?;
-        Ok(record)
+        row.try_into()
     }
 
-    /// The hot path's one query on a cache miss.
-    pub async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+    /// The hot path's one query on a cache miss: only what a check needs.
+    pub async fn find_grant(&self, hash: &KeyHash) -> Result<Option<Grant>, StoreError> {
         self.stats.key_lookups.fetch_add(1, Ordering::Relaxed);
-        let row: Option<KeyRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            key_columns!(),
-            " FROM keys WHERE hash = $1"
-        ))
+        let row: Option<GrantRow> = sqlx::query_as(
+            "SELECT id, owner_id, scopes, resources, ip_allow, metadata, \
+                    expires_at, disabled_at, revoked_at \
+             FROM keys WHERE hash = $1",
+        )
         .bind(hash.as_bytes().as_slice())
         .fetch_optional(&self.pool)
         .await?;
-        row.map(KeyRecord::try_from).transpose()
+        row.map(Grant::try_from).transpose()
     }
 
     /// A key by id; with `owner`, only if it belongs to that owner.
@@ -275,25 +315,47 @@ impl Store {
     }
 
     /// One page of keys in id (creation) order, after the cursor.
+    ///
+    /// Two fixed statements rather than one with optional filters: a generic
+    /// plan for `($1 IS NULL OR owner_id = $1) AND ($2 IS NULL OR id > $2)`
+    /// cannot use an index range, and Postgres switches prepared statements
+    /// to generic plans after a few runs. Each of these is a plain range scan
+    /// of an index in order, however deep the page.
     pub async fn list_keys(&self, q: &ListQuery) -> Result<Page, StoreError> {
-        let limit = i64::from(q.limit);
-        let rows: Vec<KeyRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            key_columns!(),
-            " FROM keys \
-              WHERE ($1::text IS NULL OR owner_id = $1) \
-                AND ($2 OR revoked_at IS NULL) \
-                AND ($3::uuid IS NULL OR id > $3) \
-              ORDER BY id \
-              LIMIT $4"
-        ))
-        .bind(q.owner.as_ref().map(OwnerId::as_str))
-        .bind(q.include_revoked)
-        .bind(q.after.map(|id| id.as_uuid()))
         // One extra row tells whether another page follows.
-        .bind(limit + 1)
-        .fetch_all(&self.pool)
-        .await?;
+        let limit = i64::from(q.limit) + 1;
+        let after = q.after.map_or(Uuid::nil(), |id| id.as_uuid());
+        let rows: Vec<KeyRow> = match &q.owner {
+            Some(owner) => {
+                sqlx::query_as(concat!(
+                    "SELECT ",
+                    key_columns!(),
+                    " FROM keys \
+                      WHERE owner_id = $1 AND id > $2 AND ($3 OR revoked_at IS NULL) \
+                      ORDER BY owner_id, id LIMIT $4"
+                ))
+                .bind(owner.as_str())
+                .bind(after)
+                .bind(q.include_revoked)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query_as(concat!(
+                    "SELECT ",
+                    key_columns!(),
+                    " FROM keys \
+                      WHERE id > $1 AND ($2 OR revoked_at IS NULL) \
+                      ORDER BY id LIMIT $3"
+                ))
+                .bind(after)
+                .bind(q.include_revoked)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
         let mut keys = rows
             .into_iter()
             .map(KeyRecord::try_from)

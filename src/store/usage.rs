@@ -18,8 +18,11 @@ pub struct UsageWrite {
 }
 
 impl Store {
-    /// Writes a batch in one statement: `keys.last_used_at` moves forward
-    /// only, and the uses are added to the day (UTC) of the last use.
+    /// Writes a batch in one statement: the uses are added to the day (UTC)
+    /// of the last use, and `keys.last_used_at` moves forward, but only once
+    /// it is a minute behind: rewriting every active key's row every few
+    /// seconds would cost far more than a last-used time to the minute is
+    /// worth (the first use is always written).
     pub async fn record_usage(&self, batch: &[UsageWrite]) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
@@ -39,7 +42,8 @@ impl Store {
                  UPDATE keys k SET last_used_at = b.last_used_at \
                  FROM batch b \
                  WHERE k.id = b.key_id \
-                   AND (k.last_used_at IS NULL OR k.last_used_at < b.last_used_at) \
+                   AND (k.last_used_at IS NULL \
+                        OR k.last_used_at < b.last_used_at - interval '1 minute') \
              ) \
              INSERT INTO key_usage_daily (key_id, day, uses) \
              SELECT b.key_id, (b.last_used_at AT TIME ZONE 'UTC')::date, b.uses \

@@ -1,0 +1,215 @@
+//! The decision path in process, per operation: parse + SHA-256 + cache
+//! lookup + policy + usage recording, over 10,000 distinct cached keys; and
+//! each step alone, to show where the time goes.
+//!
+//!     cargo bench --bench decision
+
+use std::{cell::Cell, sync::Arc, time::Duration};
+
+use chrono::Utc;
+use divan::{Bencher, black_box};
+use keyward::{
+    cache::{CacheSettings, CachedKey, KeyCache, Lookup},
+    checker::{Cached, Checker},
+    key::{ApiKey, Grant, KeyHash, KeyId, KeyPrefix, Metadata, OwnerId, Resource, Scope},
+    policy::{self, Reason},
+    store::{DbOptions, Store},
+    usage::UsageRecorder,
+};
+use prost::Message as _;
+
+const KEYS: usize = 10_000;
+
+// Measure with the allocator keyward runs with (see src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    divan::main();
+}
+
+struct Fixture {
+    checker: Checker,
+    cache: KeyCache,
+    keys: Vec<ApiKey>,
+    hashes: Vec<KeyHash>,
+    grants: Vec<Grant>,
+    // The store is never reached (every key is cached), but sqlx wants a runtime.
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: std::sync::OnceLock<Fixture> = std::sync::OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _guard = runtime.enter();
+        let store = Store::connect_lazy(&DbOptions {
+            url: "postgres://postgres@127.0.0.1:1/unused".into(),
+            max_connections: 1,
+            acquire_timeout: Duration::from_millis(1),
+            application_name: "keyward-bench".into(),
+        })
+        .expect("lazy store");
+        let cache = KeyCache::new(&CacheSettings {
+            capacity: 1_000_000,
+            ttl: Duration::from_secs(3600),
+            stale_if_error: Duration::from_secs(3600),
+            negative_capacity: 1000,
+            negative_ttl: Duration::from_secs(3600),
+        });
+        let prefix = KeyPrefix::parse("kw_live").expect("prefix");
+        let mut keys = Vec::with_capacity(KEYS);
+        let mut hashes = Vec::with_capacity(KEYS);
+        let mut grants = Vec::with_capacity(KEYS);
+        for _ in 0..KEYS {
+            let key = ApiKey::generate(&prefix);
+            let grant = Grant {
+                id: KeyId::new_v7(),
+                owner_id: OwnerId::parse("acme").expect("owner"),
+                scopes: [Scope::parse("invoices:read").expect("scope")].into(),
+                resources: [Resource::parse("billing").expect("resource")].into(),
+                ip_allow: [].into(),
+                metadata: Metadata::default(),
+                expires_at: None,
+                disabled_at: None,
+                revoked_at: None,
+            };
+            cache.fill(cache.ticket(), key.hash(), Some(grant.clone()));
+            hashes.push(key.hash());
+            keys.push(key);
+            grants.push(grant);
+        }
+        let checker = Checker::new(cache.clone(), store, Arc::new(UsageRecorder::default()));
+        Fixture {
+            checker,
+            cache,
+            keys,
+            hashes,
+            grants,
+            _runtime: runtime,
+        }
+    })
+}
+
+/// Round-robin over the keys, one per iteration.
+fn next(counter: &Cell<usize>) -> usize {
+    let i = counter.get();
+    counter.set((i + 1) % KEYS);
+    i
+}
+
+const SCOPES: [&str; 1] = ["invoices:read"];
+
+fn request() -> policy::Request<'static> {
+    policy::Request {
+        resource: Some("billing"),
+        required_scopes: &SCOPES,
+        client_ip: Some("10.1.2.3".parse().expect("ip")),
+    }
+}
+
+/// The whole hot path of a cache hit, as `CheckService.Check` runs it.
+#[divan::bench(sample_count = 500, sample_size = 200)]
+fn decision_path(bencher: Bencher) {
+    let f = fixture();
+    let credentials: Vec<String> = f
+        .keys
+        .iter()
+        .map(|k| format!("Bearer {}", k.expose_secret()))
+        .collect();
+    let req = request();
+    let i = Cell::new(0);
+    bencher.bench_local(|| {
+        let outcome = f.checker.check_cached(Some(&credentials[next(&i)]), &req);
+        assert!(matches!(&outcome, Cached::Answered(o) if o.decision.reason == Reason::Ok));
+        black_box(outcome)
+    });
+}
+
+#[divan::bench(sample_count = 500, sample_size = 200)]
+fn parse_key(bencher: Bencher) {
+    let f = fixture();
+    let i = Cell::new(0);
+    bencher.bench_local(|| ApiKey::parse(black_box(f.keys[next(&i)].expose_secret())));
+}
+
+#[divan::bench(sample_count = 500, sample_size = 200)]
+fn sha256_key(bencher: Bencher) {
+    let f = fixture();
+    let i = Cell::new(0);
+    bencher.bench_local(|| black_box(&f.keys[next(&i)]).hash());
+}
+
+#[divan::bench(sample_count = 500, sample_size = 200)]
+fn cache_get(bencher: Bencher) {
+    let f = fixture();
+    let i = Cell::new(0);
+    bencher.bench_local(|| f.cache.get(black_box(&f.hashes[next(&i)])));
+}
+
+#[divan::bench(sample_count = 500, sample_size = 200)]
+fn policy_decide(bencher: Bencher) {
+    let f = fixture();
+    let req = request();
+    let now = Utc::now();
+    let i = Cell::new(0);
+    bencher.bench_local(|| policy::decide(black_box(&f.grants[next(&i)]), &req, now));
+}
+
+#[divan::bench(sample_count = 500, sample_size = 200)]
+fn usage_record(bencher: Bencher) {
+    let f = fixture();
+    let recorder = UsageRecorder::default();
+    let entries: Vec<Arc<CachedKey>> = f
+        .hashes
+        .iter()
+        .map(|h| match f.cache.get(h) {
+            Some(Lookup::Fresh(entry)) => entry,
+            _ => panic!("every key is cached"),
+        })
+        .collect();
+    let now = Utc::now();
+    let i = Cell::new(0);
+    bencher.bench_local(|| recorder.record(&entries[next(&i)], now));
+}
+
+/// For scale: what decoding Envoy's CheckRequest costs, before any of the above.
+#[divan::bench(sample_count = 500, sample_size = 200)]
+fn envoy_check_request_decode(bencher: Bencher) {
+    use envoy_types::pb::envoy::service::auth::v3::{
+        AttributeContext, CheckRequest,
+        attribute_context::{HttpRequest, Request},
+    };
+    let f = fixture();
+    let req = CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/billing/invoices".into(),
+                    host: "api.example.com".into(),
+                    headers: [
+                        (":authority".to_owned(), "api.example.com".to_owned()),
+                        (":method".to_owned(), "GET".to_owned()),
+                        (":path".to_owned(), "/billing/invoices".to_owned()),
+                        ("x-api-key".to_owned(), f.keys[0].expose_secret().to_owned()),
+                    ]
+                    .into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            context_extensions: [
+                ("resource".to_owned(), "billing".to_owned()),
+                ("scopes".to_owned(), "invoices:read".to_owned()),
+            ]
+            .into(),
+            ..Default::default()
+        }),
+    };
+    let bytes = req.encode_to_vec();
+    bencher.bench_local(|| CheckRequest::decode(black_box(bytes.as_slice())));
+}

@@ -1,0 +1,166 @@
+//! The benchmark baseline: an ext_authz server that answers OK to every
+//! `envoy.service.auth.v3.Authorization/Check` (and every
+//! `keyward.v1.CheckService/Check`) and does nothing else (it also answers
+//! gRPC health checks, as Envoy asks them of any ext_authz cluster). Served the same way
+//! keyward serves (tonic, TCP_NODELAY), on the runtime asked for.
+//!
+//!     empty_authz --addr 127.0.0.1:50061 --runtime current-thread|multi-thread
+//!                 [--answer minimal|headers|metadata|keyward-shaped]
+//!
+//! `--answer keyward-shaped` still does no work, but answers every check with
+//! a constant response shaped like keyward's allow (identity headers to set,
+//! credential headers to remove, dynamic metadata): it tells how much of an
+//! end-to-end difference is Envoy applying the answer rather than keyward
+//! computing it.
+
+use clap::Parser as _;
+use envoy_types::{
+    ext_authz::v3::{
+        CheckResponseExt as _, OkHttpResponseBuilder,
+        pb::{Authorization, AuthorizationServer, CheckRequest, CheckResponse, HeaderAppendAction},
+    },
+    pb::google::protobuf::{ListValue, Struct, Value, value::Kind},
+};
+use keyward::{
+    config::RuntimeFlavor,
+    pb::{self, check_service_server::CheckServiceServer},
+};
+use tonic::{Request, Response, Status, transport::server::TcpIncoming};
+
+#[derive(clap::Parser)]
+struct Args {
+    #[arg(long)]
+    addr: std::net::SocketAddr,
+    #[arg(long, value_enum, default_value_t = RuntimeFlavor::CurrentThread)]
+    runtime: RuntimeFlavor,
+    /// Worker threads when multi-thread.
+    #[arg(long, default_value_t = 1)]
+    worker_threads: usize,
+    #[arg(long, value_enum, default_value_t = Answer::Minimal)]
+    answer: Answer,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Answer {
+    /// OK and nothing else.
+    Minimal,
+    /// OK with keyward's header changes only.
+    Headers,
+    /// OK with keyward's dynamic metadata only.
+    Metadata,
+    /// OK with a constant allow shaped like keyward's: both.
+    KeywardShaped,
+}
+
+struct Empty(CheckResponse);
+
+fn string(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    }
+}
+
+fn shaped(answer: Answer) -> CheckResponse {
+    let mut resp = CheckResponse::with_status(Status::ok(""));
+    if answer == Answer::Minimal {
+        return resp;
+    }
+    if answer != Answer::Metadata {
+        resp.set_http_response(header_changes());
+    }
+    if answer != Answer::Headers {
+        resp.set_dynamic_metadata(Some(metadata()));
+    }
+    resp
+}
+
+fn header_changes() -> envoy_types::ext_authz::v3::pb::OkHttpResponse {
+    let mut ok = OkHttpResponseBuilder::new();
+    for (name, value) in [
+        ("x-keyward-key-id", "01a2065a-1b2c-7d3e-8f40-123456789abc"),
+        ("x-keyward-owner-id", "owner-500"),
+        ("x-keyward-scopes", "invoices:read"),
+    ] {
+        ok.add_header(
+            name,
+            value,
+            Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+            true,
+        );
+    }
+    ok.remove_header("authorization");
+    ok.remove_header("x-api-key");
+    ok.build()
+}
+
+fn metadata() -> Struct {
+    Struct {
+        fields: [
+            ("keyward_reason", string("OK")),
+            (
+                "keyward_key_id",
+                string("01a2065a-1b2c-7d3e-8f40-123456789abc"),
+            ),
+            ("keyward_owner_id", string("owner-500")),
+            (
+                "keyward_scopes",
+                Value {
+                    kind: Some(Kind::ListValue(ListValue {
+                        values: vec![string("invoices:read")],
+                    })),
+                },
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for Empty {
+    async fn check(&self, _: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(self.0.clone()))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::check_service_server::CheckService for Empty {
+    async fn check(
+        &self,
+        _: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        Ok(Response::new(pb::CheckResponse {
+            allowed: true,
+            reason: pb::Reason::Ok.into(),
+            http_status: 200,
+            ..Default::default()
+        }))
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let answer = shaped(args.answer);
+    let runtime = match args.runtime {
+        RuntimeFlavor::MultiThread => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.worker_threads)
+            .enable_all()
+            .build()?,
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.addr).await?;
+        // Envoy health-checks its ext_authz cluster; answer it like keyward.
+        let (_health, health_service) = tonic_health::server::health_reporter();
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(AuthorizationServer::new(Empty(answer)))
+            .add_service(CheckServiceServer::new(Empty(CheckResponse::default())))
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
+            .await?;
+        Ok(())
+    })
+}

@@ -39,10 +39,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Command::Migrate => startup::migrate(&config).await?,
         Command::Bootstrap { owner, name } => {
             let (record, secret) = startup::bootstrap(&config, &owner, &name).await?;
-            eprintln!(
+            writeln!(
+                std::io::stderr().lock(),
                 "admin key {} for owner {owner}; it is shown once, store it now:",
                 record.id
-            );
+            )?;
             writeln!(std::io::stdout().lock(), "{}", secret.expose_secret())?;
         }
     }

@@ -20,6 +20,11 @@ use prost::Message as _;
 
 const KEYS: usize = 10_000;
 
+// The request as Envoy sends it, shared with the suite (which uses the rest).
+#[allow(dead_code)]
+#[path = "suite/frames.rs"]
+mod frames;
+
 // Measure with the allocator keyward runs with (see src/main.rs).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -179,37 +184,7 @@ fn usage_record(bencher: Bencher) {
 /// For scale: what decoding Envoy's CheckRequest costs, before any of the above.
 #[divan::bench(sample_count = 500, sample_size = 200)]
 fn envoy_check_request_decode(bencher: Bencher) {
-    use envoy_types::pb::envoy::service::auth::v3::{
-        AttributeContext, CheckRequest,
-        attribute_context::{HttpRequest, Request},
-    };
-    let f = fixture();
-    let req = CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    method: "GET".into(),
-                    path: "/billing/invoices".into(),
-                    host: "api.example.com".into(),
-                    headers: [
-                        (":authority".to_owned(), "api.example.com".to_owned()),
-                        (":method".to_owned(), "GET".to_owned()),
-                        (":path".to_owned(), "/billing/invoices".to_owned()),
-                        ("x-api-key".to_owned(), f.keys[0].expose_secret().to_owned()),
-                    ]
-                    .into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            context_extensions: [
-                ("resource".to_owned(), "billing".to_owned()),
-                ("scopes".to_owned(), "invoices:read".to_owned()),
-            ]
-            .into(),
-            ..Default::default()
-        }),
-    };
-    let bytes = req.encode_to_vec();
+    use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+    let bytes = frames::envoy_check(fixture().keys[0].expose_secret()).encode_to_vec();
     bencher.bench_local(|| CheckRequest::decode(black_box(bytes.as_slice())));
 }

@@ -19,10 +19,18 @@ use keyward::{
         self, Reason, check_service_client::CheckServiceClient,
         key_service_client::KeyServiceClient,
     },
-    startup::{self, Application, ReplicaHandle},
+    startup::{self, ReplicaHandle},
 };
 use sqlx::{Connection as _, PgConnection, postgres::PgListener};
-use tonic::{Request, transport::Channel};
+use tonic::transport::Channel;
+
+// Shared with the tests, which use parts this file does not.
+#[allow(dead_code)]
+#[path = "../tests/support/app.rs"]
+mod app;
+#[path = "../tests/support/grpc.rs"]
+mod grpc;
+use grpc::with_key as admin;
 
 /// Longest wait for one replica to deny one revoked key.
 const PER_KEY_DEADLINE: Duration = Duration::from_secs(2);
@@ -35,33 +43,13 @@ struct Replica {
 }
 
 async fn replica(config: &Config) -> Replica {
-    let app = Application::build(config).await.expect("build replica");
-    let addr = app.local_addr();
-    let handle = app.replica();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(app.run_until_stopped(async move {
-        let _ = rx.await;
-    }));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    let running = app::start(config).await;
     Replica {
-        keys: KeyServiceClient::new(channel.clone()),
-        checks: CheckServiceClient::new(channel),
-        handle,
-        _stop: tx,
+        keys: KeyServiceClient::new(running.channel.clone()),
+        checks: CheckServiceClient::new(running.channel),
+        handle: running.replica,
+        _stop: running.stop,
     }
-}
-
-fn admin<T>(msg: T, key: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {key}").parse().expect("header"),
-    );
-    req
 }
 
 async fn reason(r: &Replica, key: &str) -> Reason {

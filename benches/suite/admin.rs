@@ -12,19 +12,11 @@ use std::{
 
 use hdrhistogram::Histogram;
 use keyward::pb::{self, key_service_client::KeyServiceClient};
-use tonic::{Request, transport::Channel};
+use tonic::transport::Channel;
 
+use crate::grpc::with_key as admin;
 use crate::latency::Latency;
 use crate::seed::OWNERS;
-
-fn admin<T>(msg: T, key: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {key}").parse().expect("header"),
-    );
-    req
-}
 
 async fn client(addr: SocketAddr) -> KeyServiceClient<Channel> {
     KeyServiceClient::new(
@@ -115,11 +107,5 @@ pub async fn list_latency(
         token = page.next_page_token;
         i += 1;
     }
-    let at = |q| Duration::from_micros(hist.value_at_quantile(q));
-    Latency {
-        p50: at(0.50),
-        p99: at(0.99),
-        p999: at(0.999),
-        calls: hist.len(),
-    }
+    Latency::from(&hist)
 }

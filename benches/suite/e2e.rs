@@ -4,90 +4,47 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-use crate::servers::{SERVER_CORE, free_port};
+use crate::servers::{SERVER_CORE, cpu_time_of};
 
-#[path = "../../tests/support/envoy_config.rs"]
-mod envoy_config;
+// Shared with tests/api/envoy.rs, which uses parts this file does not.
+#[allow(dead_code)]
+#[path = "../../tests/support/envoy.rs"]
+mod envoy_process;
 
+/// Envoy on the server core, in front of an authorization server, with the
+/// config's own demo listener as its upstream.
 pub struct Envoy {
-    child: Child,
+    inner: envoy_process::Envoy,
     pub port: u16,
-    config: PathBuf,
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = std::fs::remove_file(&self.config);
-    }
 }
 
 impl Envoy {
-    /// User + system CPU time Envoy has used so far.
-    pub fn cpu_time(&self) -> Duration {
-        crate::servers::cpu_time_of(self.child.id().expect("envoy running"))
+    pub async fn start(bin: &Path, repo: &Path, authz_port: u16) -> Self {
+        let inner = envoy_process::Envoy::start(
+            bin,
+            repo,
+            envoy_process::Targets {
+                authz_port,
+                upstream_port: None,
+            },
+            envoy_process::Options {
+                raw_headers: false,
+                cpus: Some(SERVER_CORE),
+            },
+        )
+        .await;
+        let port = inner.port;
+        Self { inner, port }
     }
 
-    /// The example config with `authz_port` as its ext_authz server; its
-    /// upstream is the config's own demo listener.
-    pub async fn start(bin: &Path, repo: &Path, authz_port: u16) -> Self {
-        let template =
-            std::fs::read_to_string(repo.join("deploy/envoy/envoy.yaml")).expect("envoy.yaml");
-        let (port, admin, demo) = (free_port(), free_port(), free_port());
-        let yaml = envoy_config::test_config(
-            &template,
-            &[
-                ("ingress", port),
-                ("admin", admin),
-                ("demo-upstream", demo),
-                ("keyward", authz_port),
-                ("upstream", demo),
-            ],
-            false,
-        );
-        let config = std::env::temp_dir().join(format!("keyward-bench-envoy-{port}.yaml"));
-        std::fs::write(&config, yaml).expect("write config");
-        let child = Command::new("taskset")
-            .args(["-c", SERVER_CORE])
-            .arg(bin)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "--log-level",
-                "error",
-                "-c",
-            ])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start envoy");
-        let envoy = Self {
-            child,
-            port,
-            config,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = Command::new("curl")
-                .args(["-sf", &format!("http://127.0.0.1:{admin}/ready")])
-                .output()
-                .await
-                .is_ok_and(|o| o.status.success());
-            if ready {
-                return envoy;
-            }
-            assert!(Instant::now() < deadline, "envoy did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    /// User + system CPU time Envoy has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        cpu_time_of(self.inner.pid())
     }
 }
 

@@ -21,6 +21,19 @@ pub struct Latency {
     pub calls: u64,
 }
 
+impl From<&Histogram<u64>> for Latency {
+    /// From a histogram of microseconds.
+    fn from(hist: &Histogram<u64>) -> Self {
+        let at = |q| Duration::from_micros(hist.value_at_quantile(q));
+        Latency {
+            p50: at(0.50),
+            p99: at(0.99),
+            p999: at(0.999),
+            calls: hist.len(),
+        }
+    }
+}
+
 pub struct Client {
     door: Door,
     envoy: AuthorizationClient<Channel>,
@@ -100,12 +113,6 @@ impl Client {
             }
             i += 1;
         }
-        let at = |q| Duration::from_micros(hist.value_at_quantile(q));
-        Latency {
-            p50: at(0.50),
-            p99: at(0.99),
-            p999: at(0.999),
-            calls: hist.len(),
-        }
+        Latency::from(&hist)
     }
 }

@@ -12,6 +12,8 @@
 mod admin;
 mod e2e;
 mod frames;
+#[path = "../../tests/support/grpc.rs"]
+mod grpc;
 mod h2gen;
 mod h2load;
 mod latency;

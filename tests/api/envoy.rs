@@ -6,25 +6,23 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     path::PathBuf,
-    process::Stdio,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::{Request, Response, body::Bytes, header::HeaderMap, service::service_fn};
 use hyper_util::rt::TokioIo;
 use keyward::pb;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    process::{Child, Command},
-};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::helpers::{TestApp, spawn_app};
 
-#[path = "../support/envoy_config.rs"]
-mod envoy_config;
-use envoy_config::test_config;
+// Shared with benches/suite, which uses parts this file does not.
+#[allow(dead_code)]
+#[path = "../support/envoy.rs"]
+mod envoy_process;
+use envoy_process::{Envoy, Options, Targets, test_config};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -70,28 +68,6 @@ impl Upstream {
     }
 }
 
-/// The real Envoy, running the repository's example configuration.
-struct Envoy {
-    child: Child,
-    port: u16,
-    config: PathBuf,
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
-
-async fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 fn envoy_binary() -> PathBuf {
     let local = repo().join(".tools/bin/envoy");
     if local.exists() {
@@ -100,68 +76,29 @@ fn envoy_binary() -> PathBuf {
     PathBuf::from("envoy")
 }
 
-impl Envoy {
-    async fn start(keyward: SocketAddr, upstream: SocketAddr, raw_headers: bool) -> Self {
-        let template = std::fs::read_to_string(repo().join("deploy/envoy/envoy.yaml"))
-            .expect("deploy/envoy/envoy.yaml");
-        let (port, admin, demo) = (free_port().await, free_port().await, free_port().await);
-        let yaml = test_config(
-            &template,
-            &[
-                ("ingress", port),
-                ("admin", admin),
-                ("demo-upstream", demo),
-                ("keyward", keyward.port()),
-                ("upstream", upstream.port()),
-            ],
+/// The real Envoy on the example configuration, in front of keyward and the
+/// recording upstream.
+async fn start_envoy(keyward: SocketAddr, upstream: SocketAddr, raw_headers: bool) -> Envoy {
+    Envoy::start(
+        &envoy_binary(),
+        &repo(),
+        Targets {
+            authz_port: keyward.port(),
+            upstream_port: Some(upstream.port()),
+        },
+        Options {
             raw_headers,
-        );
-        let config =
-            std::env::temp_dir().join(format!("keyward-envoy-{}.yaml", uuid::Uuid::new_v4()));
-        std::fs::write(&config, yaml).expect("write envoy config");
-        let child = Command::new(envoy_binary())
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "--log-level",
-                "warn",
-                "-c",
-            ])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start envoy: run ./scripts/test, which installs it into .tools");
-        let envoy = Self {
-            child,
-            port,
-            config,
-        };
-        // Ready once its listeners are up and its clusters initialised.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if http_get(admin, "/ready", &[])
-                .await
-                .is_ok_and(|r| r.status == 200)
-            {
-                return envoy;
-            }
-            assert!(Instant::now() < deadline, "envoy did not become ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+            cpus: None,
+        },
+    )
+    .await
+}
 
-    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
-        http_get(self.port, path, headers)
-            .await
-            .expect("request through envoy")
-    }
+/// A request through Envoy's ingress.
+async fn get(envoy: &Envoy, path: &str, headers: &[(&str, &str)]) -> Answer {
+    http_get(envoy.port, path, headers)
+        .await
+        .expect("request through envoy")
 }
 
 #[derive(Debug)]
@@ -280,46 +217,48 @@ fn assert_forwarded(upstream: &Upstream, before: usize, key_id: &str, scopes: &s
 async fn envoy_refuses_requests_without_a_valid_key_with_401_json() {
     let app = spawn_app().await;
     let upstream = Upstream::start().await;
-    let envoy = Envoy::start(app.addr, upstream.addr, false).await;
+    let envoy = start_envoy(app.addr, upstream.addr, false).await;
     let stranger =
         keyward::key::ApiKey::generate(&keyward::key::KeyPrefix::parse("kw_live").expect("prefix"));
 
-    envoy
-        .get("/billing/invoices", &[])
+    get(&envoy, "/billing/invoices", &[])
         .await
         .assert_denied(401, "MISSING_KEY");
-    envoy
-        .get("/billing/invoices", &[("x-api-key", "kw_live_not-a-key")])
-        .await
-        .assert_denied(401, "MALFORMED_KEY");
-    envoy
-        .get(
-            "/billing/invoices",
-            &[("authorization", "Basic dXNlcjpwYXNz")],
-        )
-        .await
-        .assert_denied(401, "MALFORMED_KEY");
-    envoy
-        .get(
-            "/billing/invoices",
-            &[("x-api-key", stranger.expose_secret())],
-        )
-        .await
-        .assert_denied(401, "UNKNOWN_KEY");
+    get(
+        &envoy,
+        "/billing/invoices",
+        &[("x-api-key", "kw_live_not-a-key")],
+    )
+    .await
+    .assert_denied(401, "MALFORMED_KEY");
+    get(
+        &envoy,
+        "/billing/invoices",
+        &[("authorization", "Basic dXNlcjpwYXNz")],
+    )
+    .await
+    .assert_denied(401, "MALFORMED_KEY");
+    get(
+        &envoy,
+        "/billing/invoices",
+        &[("x-api-key", stranger.expose_secret())],
+    )
+    .await
+    .assert_denied(401, "UNKNOWN_KEY");
     assert!(
         upstream.requests().is_empty(),
         "a refused request reached the upstream"
     );
 
     // Routes with ext_authz disabled need no key.
-    assert_eq!(envoy.get("/public/status", &[]).await.status, 200);
+    assert_eq!(get(&envoy, "/public/status", &[]).await.status, 200);
 }
 
 #[tokio::test]
 async fn envoy_forwards_a_valid_key_as_identity_headers_and_strips_the_credential() {
     let app = spawn_app().await;
     let upstream = Upstream::start().await;
-    let envoy = Envoy::start(app.addr, upstream.addr, false).await;
+    let envoy = start_envoy(app.addr, upstream.addr, false).await;
     let (key, id) = mint(&app, &["invoices:read"], &["billing"]).await;
 
     let bearer = format!("Bearer {key}");
@@ -337,7 +276,7 @@ async fn envoy_forwards_a_valid_key_as_identity_headers_and_strips_the_credentia
     ];
     for headers in cases {
         let before = upstream.requests().len();
-        let answer = envoy.get("/billing/invoices", headers).await;
+        let answer = get(&envoy, "/billing/invoices", headers).await;
         assert_eq!(answer.status, 200, "{headers:?}: {answer:?}");
         assert_eq!(answer.body, "upstream ok");
         assert_forwarded(&upstream, before, &id, "invoices:read");
@@ -345,32 +284,29 @@ async fn envoy_forwards_a_valid_key_as_identity_headers_and_strips_the_credentia
 
     // Two different keys at once are refused.
     let (other, _) = mint(&app, &["invoices:read"], &[]).await;
-    envoy
-        .get(
-            "/billing/invoices",
-            &[("authorization", &bearer), ("x-api-key", &other)],
-        )
-        .await
-        .assert_denied(401, "MALFORMED_KEY");
+    get(
+        &envoy,
+        "/billing/invoices",
+        &[("authorization", &bearer), ("x-api-key", &other)],
+    )
+    .await
+    .assert_denied(401, "MALFORMED_KEY");
 }
 
 #[tokio::test]
 async fn envoy_enforces_the_routes_resource_and_scopes_and_the_client_address() {
     let app = spawn_app().await;
     let upstream = Upstream::start().await;
-    let envoy = Envoy::start(app.addr, upstream.addr, false).await;
+    let envoy = start_envoy(app.addr, upstream.addr, false).await;
     let (orders_key, _) = mint(&app, &["invoices:read"], &["orders"]).await;
     let (reader, reader_id) = mint(&app, &["invoices:read"], &["billing"]).await;
 
     // /billing is resource "billing": a key for "orders" only is refused.
-    envoy
-        .get("/billing/invoices", &[("x-api-key", &orders_key)])
+    get(&envoy, "/billing/invoices", &[("x-api-key", &orders_key)])
         .await
         .assert_denied(403, "RESOURCE_FORBIDDEN");
     // /billing/admin also needs invoices:write.
-    let answer = envoy
-        .get("/billing/admin/refunds", &[("x-api-key", &reader)])
-        .await;
+    let answer = get(&envoy, "/billing/admin/refunds", &[("x-api-key", &reader)]).await;
     answer.assert_denied(403, "SCOPE_MISSING");
     assert!(
         answer.json()["message"]
@@ -390,15 +326,13 @@ async fn envoy_enforces_the_routes_resource_and_scopes_and_the_client_address() 
         })
     };
     let elsewhere = ip_key("10.0.0.0/8").await.secret;
-    envoy
-        .get("/billing/invoices", &[("x-api-key", &elsewhere)])
+    get(&envoy, "/billing/invoices", &[("x-api-key", &elsewhere)])
         .await
         .assert_denied(403, "IP_FORBIDDEN");
     assert!(upstream.requests().is_empty());
     let loopback = ip_key("127.0.0.0/8").await.secret;
     assert_eq!(
-        envoy
-            .get("/billing/invoices", &[("x-api-key", &loopback)])
+        get(&envoy, "/billing/invoices", &[("x-api-key", &loopback)])
             .await
             .status,
         200
@@ -406,15 +340,13 @@ async fn envoy_enforces_the_routes_resource_and_scopes_and_the_client_address() 
 
     // The same key is fine where its resource and scopes suffice.
     assert_eq!(
-        envoy
-            .get("/billing/invoices", &[("x-api-key", &reader)])
+        get(&envoy, "/billing/invoices", &[("x-api-key", &reader)])
             .await
             .status,
         200
     );
     assert_eq!(
-        envoy
-            .get("/orders/42", &[("x-api-key", &orders_key)])
+        get(&envoy, "/orders/42", &[("x-api-key", &orders_key)])
             .await
             .status,
         200
@@ -430,11 +362,10 @@ async fn envoy_enforces_the_routes_resource_and_scopes_and_the_client_address() 
 async fn a_key_revoked_through_the_api_is_refused_by_envoy_on_the_next_request() {
     let app = spawn_app().await;
     let upstream = Upstream::start().await;
-    let envoy = Envoy::start(app.addr, upstream.addr, false).await;
+    let envoy = start_envoy(app.addr, upstream.addr, false).await;
     let (key, id) = mint(&app, &["invoices:read"], &[]).await;
     assert_eq!(
-        envoy
-            .get("/billing/invoices", &[("x-api-key", &key)])
+        get(&envoy, "/billing/invoices", &[("x-api-key", &key)])
             .await
             .status,
         200
@@ -442,8 +373,7 @@ async fn a_key_revoked_through_the_api_is_refused_by_envoy_on_the_next_request()
 
     app.revoke(&id).await;
 
-    envoy
-        .get("/billing/invoices", &[("x-api-key", &key)])
+    get(&envoy, "/billing/invoices", &[("x-api-key", &key)])
         .await
         .assert_denied(401, "REVOKED");
     assert_eq!(upstream.requests().len(), 1);
@@ -453,11 +383,10 @@ async fn a_key_revoked_through_the_api_is_refused_by_envoy_on_the_next_request()
 async fn envoy_fails_closed_when_keyward_cannot_decide_or_is_down() {
     let mut app = spawn_app().await;
     let upstream = Upstream::start().await;
-    let envoy = Envoy::start(app.addr, upstream.addr, false).await;
+    let envoy = start_envoy(app.addr, upstream.addr, false).await;
     let (key, _) = mint(&app, &["invoices:read"], &[]).await;
     assert_eq!(
-        envoy
-            .get("/billing/invoices", &[("x-api-key", &key)])
+        get(&envoy, "/billing/invoices", &[("x-api-key", &key)])
             .await
             .status,
         200
@@ -468,18 +397,18 @@ async fn envoy_fails_closed_when_keyward_cannot_decide_or_is_down() {
     app.db.close().await;
     let stranger =
         keyward::key::ApiKey::generate(&keyward::key::KeyPrefix::parse("kw_live").expect("prefix"));
-    let answer = envoy
-        .get(
-            "/billing/invoices",
-            &[("x-api-key", stranger.expose_secret())],
-        )
-        .await;
+    let answer = get(
+        &envoy,
+        "/billing/invoices",
+        &[("x-api-key", stranger.expose_secret())],
+    )
+    .await;
     assert_eq!(answer.status, 503, "{answer:?}");
 
     // keyward stopped: the same configured failure status, for every key.
     app.stop().await;
     for headers in [&[("x-api-key", key.as_str())][..], &[]] {
-        let answer = envoy.get("/billing/invoices", headers).await;
+        let answer = get(&envoy, "/billing/invoices", headers).await;
         assert_eq!(answer.status, 503, "{answer:?}");
     }
     assert_eq!(
@@ -493,11 +422,10 @@ async fn envoy_fails_closed_when_keyward_cannot_decide_or_is_down() {
 async fn envoy_with_encode_raw_headers_works_the_same() {
     let app = spawn_app().await;
     let upstream = Upstream::start().await;
-    let envoy = Envoy::start(app.addr, upstream.addr, true).await;
+    let envoy = start_envoy(app.addr, upstream.addr, true).await;
     let (key, id) = mint(&app, &["invoices:read"], &["billing"]).await;
 
-    envoy
-        .get("/billing/invoices", &[])
+    get(&envoy, "/billing/invoices", &[])
         .await
         .assert_denied(401, "MISSING_KEY");
     for headers in [
@@ -506,7 +434,7 @@ async fn envoy_with_encode_raw_headers_works_the_same() {
     ] {
         let before = upstream.requests().len();
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let answer = envoy.get("/billing/invoices", &headers).await;
+        let answer = get(&envoy, "/billing/invoices", &headers).await;
         assert_eq!(answer.status, 200, "{answer:?}");
         assert_forwarded(&upstream, before, &id, "invoices:read");
     }

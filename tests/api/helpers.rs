@@ -5,13 +5,19 @@ use keyward::{
     config::Config,
     key::ApiKey,
     pb::{self, check_service_client::CheckServiceClient, key_service_client::KeyServiceClient},
-    startup::{self, Application, ReplicaHandle, StartupError},
+    startup::{self, ReplicaHandle, StartupError},
     telemetry,
 };
 use sqlx::PgPool;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Request, Status, transport::Channel};
 use uuid::Uuid;
+
+#[path = "../support/app.rs"]
+mod app;
+#[path = "../support/grpc.rs"]
+mod grpc;
+pub use grpc::with_key;
 
 /// A running keyward on its own database, with an admin key and clients.
 pub struct TestApp {
@@ -108,30 +114,18 @@ async fn start(
                 .expect("init logging");
         }
     });
-    let app = Application::build(&config).await.expect("build app");
-    let addr = app.local_addr();
-    let db = app.store().pool().clone();
-    let replica = app.replica();
-    let (tx, rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async move {
-        let _ = rx.await;
-    }));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    let running = app::start(&config).await;
     TestApp {
-        addr,
-        db,
+        addr: running.addr,
+        db: running.db,
         database_url,
-        replica,
+        replica: running.replica,
         admin_key,
         admin_id,
-        keys: KeyServiceClient::new(channel.clone()),
-        checks: CheckServiceClient::new(channel),
-        shutdown: Some(tx),
-        server: Some(server),
+        keys: KeyServiceClient::new(running.channel.clone()),
+        checks: CheckServiceClient::new(running.channel),
+        shutdown: Some(running.stop),
+        server: Some(running.server),
     }
 }
 
@@ -152,16 +146,6 @@ where
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-}
-
-/// A request carrying `authorization: Bearer <key>`.
-pub fn with_key<T>(message: T, key: &str) -> Request<T> {
-    let mut req = Request::new(message);
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {key}").parse().expect("ascii header"),
-    );
-    req
 }
 
 /// A well-formed key that was never minted.

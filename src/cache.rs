@@ -188,7 +188,7 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::{ApiKey, KeyPrefix, Metadata, OwnerId};
+    use crate::key::{ApiKey, KeyPrefix};
 
     fn settings(ttl: Duration) -> CacheSettings {
         CacheSettings {
@@ -203,18 +203,7 @@ mod tests {
     /// A grant and the hash it is cached under.
     fn record() -> (KeyHash, Grant) {
         let key = ApiKey::generate(&KeyPrefix::parse("kw_test").unwrap());
-        let grant = Grant {
-            id: KeyId::new_v7(),
-            owner_id: OwnerId::parse("acme").unwrap(),
-            scopes: [].into(),
-            resources: [].into(),
-            ip_allow: [].into(),
-            metadata: Metadata::default(),
-            expires_at: None,
-            disabled_at: None,
-            revoked_at: None,
-        };
-        (key.hash(), grant)
+        (key.hash(), Grant::for_test("acme", &[]))
     }
 
     #[test]

@@ -166,20 +166,10 @@ mod tests {
     use chrono::Duration;
 
     use super::*;
-    use crate::key::{KeyId, Metadata, Network, OwnerId, Resource, Scope};
+    use crate::key::{Network, Resource};
 
     fn record() -> Grant {
-        Grant {
-            id: KeyId::new_v7(),
-            owner_id: OwnerId::parse("acme").unwrap(),
-            scopes: [Scope::parse("orders:read").unwrap()].into(),
-            resources: [].into(),
-            ip_allow: [].into(),
-            metadata: Metadata::default(),
-            expires_at: None,
-            disabled_at: None,
-            revoked_at: None,
-        }
+        Grant::for_test("acme", &["orders:read"])
     }
 
     fn reason(key: &Grant, req: &Request<'_>) -> Reason {

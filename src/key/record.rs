@@ -85,6 +85,26 @@ impl Grant {
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s.as_str() == scope)
     }
+
+    /// A live grant for tests: a fresh id, the given owner and scopes, no
+    /// limits, no expiry.
+    #[cfg(test)]
+    pub fn for_test(owner: &str, scopes: &[&str]) -> Grant {
+        Grant {
+            id: KeyId::new_v7(),
+            owner_id: OwnerId::parse(owner).expect("test owner id"),
+            scopes: scopes
+                .iter()
+                .map(|s| Scope::parse(s).expect("test scope"))
+                .collect(),
+            resources: [].into(),
+            ip_allow: [].into(),
+            metadata: Metadata::default(),
+            expires_at: None,
+            disabled_at: None,
+            revoked_at: None,
+        }
+    }
 }
 
 impl From<&KeyRecord> for Grant {

@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, sync::atomic::Ordering};
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 use serde_json::json;
-use sqlx::{PgConnection, types::Json};
+use sqlx::{PgConnection, Postgres, postgres::PgArguments, query::QueryAs, types::Json};
 use uuid::Uuid;
 
 use super::{Store, StoreError};
@@ -256,30 +256,20 @@ impl Store {
         owner: Option<&OwnerId>,
         actor: &Actor,
     ) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let current = lock_key(&mut tx, id, owner).await?;
-        if current.revoked_at.is_some() {
-            return Ok(current);
-        }
-        let row: KeyRow = sqlx::query_as(concat!(
+        let update = sqlx::query_as(concat!(
             "UPDATE keys SET revoked_at = now(), revoked_reason = $2 WHERE id = $1 RETURNING ",
             key_columns!()
         ))
         .bind(id.as_uuid())
-        .bind(reason)
-        .fetch_one(&mut *tx)
-        .await?;
-        let record = KeyRecord::try_from(row)?;
-        audit(
-            &mut tx,
-            actor,
-            "key.revoke",
-            &record,
-            json!({ "reason": reason }),
+        .bind(reason);
+        self.change_key(
+            id,
+            owner,
+            |current| current.revoked_at.is_some(),
+            update,
+            (actor, "key.revoke", json!({ "reason": reason })),
         )
-        .await?;
-        tx.commit().await?;
-        Ok(record)
+        .await
     }
 
     /// Disables or re-enables a key. A no-op change writes no audit event.
@@ -290,26 +280,45 @@ impl Store {
         owner: Option<&OwnerId>,
         actor: &Actor,
     ) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let current = lock_key(&mut tx, id, owner).await?;
-        if current.disabled_at.is_some() == disabled {
-            return Ok(current);
-        }
-        let row: KeyRow = sqlx::query_as(concat!(
+        let update = sqlx::query_as(concat!(
             "UPDATE keys SET disabled_at = CASE WHEN $2 THEN now() END WHERE id = $1 RETURNING ",
             key_columns!()
         ))
         .bind(id.as_uuid())
-        .bind(disabled)
-        .fetch_one(&mut *tx)
-        .await?;
-        let record = KeyRecord::try_from(row)?;
+        .bind(disabled);
         let action = if disabled {
             "key.disable"
         } else {
             "key.enable"
         };
-        audit(&mut tx, actor, action, &record, json!({})).await?;
+        self.change_key(
+            id,
+            owner,
+            |current| current.disabled_at.is_some() == disabled,
+            update,
+            (actor, action, json!({})),
+        )
+        .await
+    }
+
+    /// One change to a key's state, in one transaction: lock the row, stop
+    /// there if `unchanged` says the key already is as asked, else run
+    /// `update` and write its audit event.
+    async fn change_key<'q>(
+        &self,
+        id: KeyId,
+        owner: Option<&OwnerId>,
+        unchanged: impl FnOnce(&KeyRecord) -> bool,
+        update: QueryAs<'q, Postgres, KeyRow, PgArguments>,
+        (actor, action, details): (&Actor, &str, serde_json::Value),
+    ) -> Result<KeyRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = lock_key(&mut tx, id, owner).await?;
+        if unchanged(&current) {
+            return Ok(current);
+        }
+        let record = KeyRecord::try_from(update.fetch_one(&mut *tx).await?)?;
+        audit(&mut tx, actor, action, &record, details).await?;
         tx.commit().await?;
         Ok(record)
     }

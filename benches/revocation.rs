@@ -28,6 +28,10 @@ use tonic::transport::Channel;
 #[allow(dead_code)]
 #[path = "../tests/support/app.rs"]
 mod app;
+// Shared with the tests, which use parts this file does not.
+#[allow(dead_code)]
+#[path = "../tests/support/db.rs"]
+mod db;
 #[path = "../tests/support/grpc.rs"]
 mod grpc;
 use grpc::with_key as admin;
@@ -135,15 +139,7 @@ struct Args {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let base = Config::try_parse_from(["keyward"]).expect("config");
-    let server = base
-        .database_url
-        .rsplit_once('/')
-        .expect("url")
-        .0
-        .to_owned();
-    let db_name = format!("keyward_bench_{:08x}", rand::random::<u32>());
-    let url = format!("{server}/{db_name}");
+    let url = db::fresh_database_url("keyward_bench");
     let config = Config::try_parse_from([
         "keyward",
         "--grpc-addr",
@@ -249,11 +245,7 @@ async fn main() {
 
     drop(replicas);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    if let Ok(mut conn) = PgConnection::connect(&format!("{server}/postgres")).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            r#"DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)"#
-        )))
-        .execute(&mut conn)
-        .await;
+    if let Err(err) = db::drop_database(&url).await {
+        eprintln!("cannot drop the bench database: {err}");
     }
 }

@@ -9,12 +9,10 @@ use std::{
 
 use tokio::process::Command;
 
-use crate::servers::{SERVER_CORE, cpu_time_of};
-
-// Shared with tests/api/envoy.rs, which uses parts this file does not.
-#[allow(dead_code)]
-#[path = "../../tests/support/envoy.rs"]
-mod envoy_process;
+use crate::{
+    envoy_process,
+    servers::{SERVER_CORE, cpu_time_of},
+};
 
 /// Envoy on the server core, in front of an authorization server, with the
 /// config's own demo listener as its upstream.

@@ -11,7 +11,15 @@
 
 mod admin;
 mod e2e;
+// Shared with tests/api/envoy.rs, which uses parts this file does not.
+#[allow(dead_code)]
+#[path = "../../tests/support/envoy.rs"]
+mod envoy_process;
 mod frames;
+// Shared with the tests, which use parts this file does not.
+#[allow(dead_code)]
+#[path = "../../tests/support/db.rs"]
+mod db;
 #[path = "../../tests/support/grpc.rs"]
 mod grpc;
 mod h2gen;
@@ -202,32 +210,22 @@ impl Suite {
         c: usize,
         m: usize,
     ) -> Vec<(Samples, Duration)> {
-        let mut out = vec![(Samples::default(), Duration::ZERO); targets.len()];
-        for _ in 0..self.args.reps {
-            for (i, t) in targets.iter().enumerate() {
-                let cpu0 = t.cpu_time();
-                let run = h2load::run(
-                    &self.args.h2load,
-                    t.addr,
-                    door.path(),
-                    frame,
-                    c,
-                    m,
-                    self.args.warmup,
-                    self.args.duration,
-                )
-                .await;
-                let cpu = t.cpu_time() - cpu0;
-                assert_eq!(run.failed, 0, "{}: h2load saw failures", t.name);
-                out[i].0.0.push(run.rps);
-                out[i].1 +=
-                    cpu.div_f64(run.rps * (self.args.warmup + self.args.duration).as_secs_f64());
-            }
-        }
-        for o in &mut out {
-            o.1 /= u32::try_from(self.args.reps).expect("reps");
-        }
-        out
+        self.each_target(targets, async |t: &Server| {
+            let run = h2load::run(
+                &self.args.h2load,
+                t.addr,
+                door.path(),
+                frame,
+                c,
+                m,
+                self.args.warmup,
+                self.args.duration,
+            )
+            .await;
+            assert_eq!(run.failed, 0, "{}: h2load saw failures", t.name);
+            run.rps
+        })
+        .await
     }
 
     /// h2gen against each target in turn; `check` sees every run's counts.
@@ -240,26 +238,40 @@ impl Suite {
         m: usize,
         check: impl Fn(&str, &h2gen::H2genRun),
     ) -> Vec<(Samples, Duration)> {
+        self.each_target(targets, async |t: &Server| {
+            let run = h2gen::run(
+                t.addr,
+                door,
+                frames.clone(),
+                false,
+                c,
+                m,
+                self.args.warmup,
+                self.args.duration,
+            )
+            .await;
+            check(&t.name, &run);
+            run.rps
+        })
+        .await
+    }
+
+    /// Runs `load` (which returns its rate) against each target in turn,
+    /// `reps` times: the rate samples and the server's mean CPU per call.
+    async fn each_target(
+        &self,
+        targets: &[&Server],
+        mut load: impl AsyncFnMut(&Server) -> f64,
+    ) -> Vec<(Samples, Duration)> {
         let mut out = vec![(Samples::default(), Duration::ZERO); targets.len()];
         for _ in 0..self.args.reps {
             for (i, t) in targets.iter().enumerate() {
                 let cpu0 = t.cpu_time();
-                let run = h2gen::run(
-                    t.addr,
-                    door,
-                    frames.clone(),
-                    false,
-                    c,
-                    m,
-                    self.args.warmup,
-                    self.args.duration,
-                )
-                .await;
+                let rps = load(t).await;
                 let cpu = t.cpu_time() - cpu0;
-                check(&t.name, &run);
-                out[i].0.0.push(run.rps);
+                out[i].0.0.push(rps);
                 out[i].1 +=
-                    cpu.div_f64(run.rps * (self.args.warmup + self.args.duration).as_secs_f64());
+                    cpu.div_f64(rps * (self.args.warmup + self.args.duration).as_secs_f64());
             }
         }
         for o in &mut out {
@@ -316,15 +328,7 @@ async fn main() {
     std::fs::create_dir_all(&tmp).expect("tmp dir");
 
     // A fresh database, migrated, with an admin key and N seeded keys.
-    let defaults = Config::try_parse_from(["keyward"]).expect("config");
-    let server_url = defaults
-        .database_url
-        .rsplit_once('/')
-        .expect("url")
-        .0
-        .to_owned();
-    let db_name = format!("keyward_bench_{:08x}", rand::random::<u32>());
-    let url = format!("{server_url}/{db_name}");
+    let url = db::fresh_database_url("keyward_bench");
     let config =
         Config::try_parse_from(["keyward", "--database-url", &url, "--log-filter", "warn"])
             .expect("config");
@@ -934,11 +938,7 @@ async fn main() {
     suite.table.print();
 
     let _ = std::fs::remove_dir_all(&suite.tmp);
-    if let Ok(mut conn) = PgConnection::connect(&format!("{server_url}/postgres")).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            r#"DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)"#
-        )))
-        .execute(&mut conn)
-        .await;
+    if let Err(err) = db::drop_database(&url).await {
+        eprintln!("cannot drop the bench database: {err}");
     }
 }

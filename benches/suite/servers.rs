@@ -10,6 +10,8 @@ use std::{
 
 use tokio::process::{Child, Command};
 
+use crate::envoy_process::free_port;
+
 pub const SERVER_CORE: &str = "0";
 
 pub struct Server {
@@ -34,13 +36,6 @@ pub fn cpu_time_of(pid: u32) -> Duration {
         fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
     // USER_HZ is 100 on Linux.
     Duration::from_millis(ticks * 10)
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 fn pinned(bin: &Path, cores: &str) -> Command {
@@ -115,14 +110,7 @@ impl Server {
 
     /// User + system CPU time the process has used so far.
     pub fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("stat");
-        // Fields after the command name (which is in parentheses).
-        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 =
-            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-        // USER_HZ is 100 on Linux.
-        Duration::from_millis(ticks * 10)
+        cpu_time_of(self.pid())
     }
 
     /// Resident set size, bytes.

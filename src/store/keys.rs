@@ -11,11 +11,20 @@ use crate::key::{
     Grant, KeyHash, KeyId, KeyRecord, Metadata, Network, NewKey, OwnerId, Resource, Scope,
 };
 
+/// The columns a check needs: [`GrantRow`].
+macro_rules! grant_columns {
+    () => {
+        "id, owner_id, scopes, resources, ip_allow, metadata, expires_at, disabled_at, revoked_at"
+    };
+}
+
+/// Every column but the usage counters: [`KeyRow`].
 macro_rules! key_columns {
     () => {
-        "id, hash, prefix, start, owner_id, name, description, scopes, resources, \
-         ip_allow, metadata, created_at, expires_at, disabled_at, revoked_at, \
-         revoked_reason, last_used_at"
+        concat!(
+            grant_columns!(),
+            ", hash, prefix, start, name, description, created_at, revoked_reason, last_used_at"
+        )
     };
 }
 
@@ -64,21 +73,14 @@ pub struct Page {
 
 #[derive(sqlx::FromRow)]
 struct KeyRow {
-    id: Uuid,
+    #[sqlx(flatten)]
+    grant: GrantRow,
     hash: Vec<u8>,
     prefix: String,
     start: String,
-    owner_id: String,
     name: String,
     description: String,
-    scopes: Vec<String>,
-    resources: Vec<String>,
-    ip_allow: Vec<IpNet>,
-    metadata: Json<BTreeMap<String, String>>,
     created_at: DateTime<Utc>,
-    expires_at: Option<DateTime<Utc>>,
-    disabled_at: Option<DateTime<Utc>>,
-    revoked_at: Option<DateTime<Utc>>,
     revoked_reason: Option<String>,
     last_used_at: Option<DateTime<Utc>>,
 }
@@ -96,18 +98,22 @@ struct GrantRow {
     revoked_at: Option<DateTime<Utc>>,
 }
 
+fn corrupt(id: impl std::fmt::Display, what: &str) -> StoreError {
+    StoreError::Corrupt(format!("key {id}: {what}"))
+}
+
 /// Parses stored text back into the newtypes it was validated into.
 fn parse_all<T>(
     id: Uuid,
     what: &str,
     values: &[String],
     parse: impl Fn(&str) -> Result<T, crate::key::Invalid>,
-) -> Result<Vec<T>, StoreError> {
+) -> Result<Box<[T]>, StoreError> {
     values
         .iter()
         .map(|v| parse(v))
         .collect::<Result<_, _>>()
-        .map_err(|_| StoreError::Corrupt(format!("key {id}: {what}")))
+        .map_err(|_| corrupt(id, what))
 }
 
 impl TryFrom<GrantRow> for Grant {
@@ -116,10 +122,9 @@ impl TryFrom<GrantRow> for Grant {
     fn try_from(row: GrantRow) -> Result<Self, Self::Error> {
         Ok(Grant {
             id: row.id.into(),
-            owner_id: OwnerId::parse(&row.owner_id)
-                .map_err(|_| StoreError::Corrupt(format!("key {}: owner_id", row.id)))?,
-            scopes: parse_all(row.id, "scopes", &row.scopes, Scope::parse)?.into(),
-            resources: parse_all(row.id, "resources", &row.resources, Resource::parse)?.into(),
+            owner_id: OwnerId::parse(&row.owner_id).map_err(|_| corrupt(row.id, "owner_id"))?,
+            scopes: parse_all(row.id, "scopes", &row.scopes, Scope::parse)?,
+            resources: parse_all(row.id, "resources", &row.resources, Resource::parse)?,
             ip_allow: row.ip_allow.into_iter().map(Network::from).collect(),
             metadata: Metadata::from(row.metadata.0),
             expires_at: row.expires_at,
@@ -133,27 +138,25 @@ impl TryFrom<KeyRow> for KeyRecord {
     type Error = StoreError;
 
     fn try_from(row: KeyRow) -> Result<Self, Self::Error> {
-        let corrupt = |what: &str| StoreError::Corrupt(format!("key {}: {what}", row.id));
-        let hash = KeyHash::from_slice(&row.hash).ok_or_else(|| corrupt("hash length"))?;
-        let owner_id = OwnerId::parse(&row.owner_id).map_err(|_| corrupt("owner_id"))?;
-        let scopes = parse_all(row.id, "scopes", &row.scopes, Scope::parse)?;
-        let resources = parse_all(row.id, "resources", &row.resources, Resource::parse)?;
+        let grant = Grant::try_from(row.grant)?;
+        let hash =
+            KeyHash::from_slice(&row.hash).ok_or_else(|| corrupt(grant.id, "hash length"))?;
         Ok(KeyRecord {
-            id: row.id.into(),
+            id: grant.id,
             hash,
             prefix: row.prefix,
             start: row.start,
-            owner_id,
+            owner_id: grant.owner_id,
             name: row.name,
             description: row.description,
-            scopes,
-            resources,
-            ip_allow: row.ip_allow.into_iter().map(Network::from).collect(),
-            metadata: Metadata::from(row.metadata.0),
+            scopes: grant.scopes.into_vec(),
+            resources: grant.resources.into_vec(),
+            ip_allow: grant.ip_allow.into_vec(),
+            metadata: grant.metadata,
             created_at: row.created_at,
-            expires_at: row.expires_at,
-            disabled_at: row.disabled_at,
-            revoked_at: row.revoked_at,
+            expires_at: grant.expires_at,
+            disabled_at: grant.disabled_at,
+            revoked_at: grant.revoked_at,
             revoked_reason: row.revoked_reason,
             last_used_at: row.last_used_at,
         })
@@ -218,11 +221,11 @@ impl Store {
     /// The hot path's one query on a cache miss: only what a check needs.
     pub async fn find_grant(&self, hash: &KeyHash) -> Result<Option<Grant>, StoreError> {
         self.stats.key_lookups.fetch_add(1, Ordering::Relaxed);
-        let row: Option<GrantRow> = sqlx::query_as(
-            "SELECT id, owner_id, scopes, resources, ip_allow, metadata, \
-                    expires_at, disabled_at, revoked_at \
-             FROM keys WHERE hash = $1",
-        )
+        let row: Option<GrantRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            grant_columns!(),
+            " FROM keys WHERE hash = $1"
+        ))
         .bind(hash.as_bytes().as_slice())
         .fetch_optional(&self.pool)
         .await?;

@@ -1,14 +1,11 @@
 //! KeyService: secrets shown once, hashes at rest, management-key
 //! authorization, and refusals that name the field and write nothing.
 
-use keyward::{
-    key::{ApiKey, KeyPrefix},
-    pb,
-};
+use keyward::{key::ApiKey, pb};
 use prost::Message as _;
 use tonic::{Code, Request};
 
-use crate::helpers::{TestApp, spawn_app, with_key};
+use crate::helpers::{self, TestApp, spawn_app, with_key};
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
@@ -126,7 +123,7 @@ async fn list_status(app: &TestApp, req: Request<pb::ListRequest>) -> tonic::Sta
 #[tokio::test]
 async fn admin_calls_without_a_valid_management_key_are_unauthenticated() {
     let app = spawn_app().await;
-    let never_minted = ApiKey::generate(&KeyPrefix::parse("kw_live").expect("prefix"));
+    let never_minted = helpers::never_minted();
 
     let cases = [
         ("no key", Request::new(pb::ListRequest::default())),

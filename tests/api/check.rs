@@ -3,13 +3,10 @@
 
 use std::time::Duration;
 
-use keyward::{
-    key::{ApiKey, KeyPrefix},
-    pb::{self, Reason},
-};
+use keyward::pb::{self, Reason};
 use tonic::Code;
 
-use crate::helpers::{reason, spawn_app};
+use crate::helpers::{never_minted, reason, spawn_app};
 
 fn mint_request(owner: &str) -> pb::MintRequest {
     pb::MintRequest {
@@ -63,7 +60,7 @@ async fn a_wrong_checksum_is_malformed_and_never_reaches_the_store() {
     app.db.close().await;
     // Control: a well-formed key the server has never seen needs the store,
     // so it now cannot be decided.
-    let unseen = ApiKey::generate(&KeyPrefix::parse("kw_live").expect("prefix"));
+    let unseen = never_minted();
     let err = app
         .check_key(unseen.expose_secret())
         .await
@@ -84,7 +81,7 @@ async fn a_wrong_checksum_is_malformed_and_never_reaches_the_store() {
 #[tokio::test]
 async fn a_well_formed_key_that_was_never_minted_is_unknown() {
     let app = spawn_app().await;
-    let stranger = ApiKey::generate(&KeyPrefix::parse("kw_live").expect("prefix"));
+    let stranger = never_minted();
     for _ in 0..2 {
         // The second answer comes from the negative cache; it must agree.
         let resp = app

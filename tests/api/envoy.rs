@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use keyward::pb;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, never_minted, spawn_app};
 
 // Shared with benches/suite, which uses parts this file does not.
 #[allow(dead_code)]
@@ -110,7 +110,7 @@ struct Answer {
 
 impl Answer {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
+        header(&self.headers, name)
     }
 
     fn json(&self) -> serde_json::Value {
@@ -218,8 +218,7 @@ async fn envoy_refuses_requests_without_a_valid_key_with_401_json() {
     let app = spawn_app().await;
     let upstream = Upstream::start().await;
     let envoy = start_envoy(app.addr, upstream.addr, false).await;
-    let stranger =
-        keyward::key::ApiKey::generate(&keyward::key::KeyPrefix::parse("kw_live").expect("prefix"));
+    let stranger = never_minted();
 
     get(&envoy, "/billing/invoices", &[])
         .await
@@ -395,8 +394,7 @@ async fn envoy_fails_closed_when_keyward_cannot_decide_or_is_down() {
     // keyward up but its database gone: a key it has not cached cannot be
     // decided; keyward answers UNAVAILABLE and Envoy applies status_on_error.
     app.db.close().await;
-    let stranger =
-        keyward::key::ApiKey::generate(&keyward::key::KeyPrefix::parse("kw_live").expect("prefix"));
+    let stranger = never_minted();
     let answer = get(
         &envoy,
         "/billing/invoices",

@@ -11,10 +11,13 @@ use keyward::{
 use sqlx::PgPool;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Request, Status, transport::Channel};
-use uuid::Uuid;
 
 #[path = "../support/app.rs"]
 mod app;
+// Shared with the benchmarks, which use parts the tests do not.
+#[allow(dead_code)]
+#[path = "../support/db.rs"]
+pub mod db;
 #[path = "../support/grpc.rs"]
 mod grpc;
 pub use grpc::with_key;
@@ -38,18 +41,9 @@ pub struct TestApp {
 
 static TRACING: Once = Once::new();
 
-/// The local PostgreSQL's URL without a database name, from the same
-/// setting the server reads (DATABASE_URL or the default).
-pub fn server_url() -> String {
-    let config = Config::try_parse_from(["keyward"]).expect("default config");
-    let url = config.database_url;
-    let (server, _db) = url.rsplit_once('/').expect("database url has a path");
-    server.to_owned()
-}
-
 /// A database name no other test uses; scripts/test drops leftovers.
 pub fn fresh_database_url() -> String {
-    format!("{}/keyward_test_{}", server_url(), Uuid::new_v4().simple())
+    db::fresh_database_url("keyward_test")
 }
 
 /// The test settings, then `extra` flags (a flag given again wins).
@@ -174,10 +168,7 @@ impl TestApp {
 
     /// The name of this test's database.
     pub fn database_name(&self) -> &str {
-        self.database_url
-            .rsplit_once('/')
-            .map(|(_, db)| db)
-            .unwrap_or_default()
+        db::database_name(&self.database_url)
     }
 
     /// Mints through the API with the admin key; panics on refusal.

@@ -5,12 +5,9 @@
 use std::time::{Duration, Instant};
 
 use keyward::pb::Reason;
-use sqlx::{Connection as _, PgConnection};
 use tonic::Code;
 
-use crate::helpers::{
-    TestApp, eventually, never_minted, reason, server_url, spawn_app, spawn_replica,
-};
+use crate::helpers::{TestApp, db, eventually, never_minted, reason, spawn_app, spawn_replica};
 
 /// Polls `replica` until it answers `want` for `key`, for at most 1 s.
 async fn until_reason(replica: &TestApp, key: &str, want: Reason) -> Duration {
@@ -21,14 +18,6 @@ async fn until_reason(replica: &TestApp, key: &str, want: Reason) -> Duration {
     .await
     .unwrap_or_else(|| panic!("replica did not answer {want:?} within 1 s"));
     took
-}
-
-/// A connection to the server's maintenance database, for what tests do to
-/// the database itself.
-async fn superuser() -> PgConnection {
-    PgConnection::connect(&format!("{}/postgres", server_url()))
-        .await
-        .expect("connect to postgres")
 }
 
 #[tokio::test]
@@ -102,7 +91,7 @@ async fn a_replica_whose_listener_is_killed_reconnects_drops_its_cache_and_hears
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
     )
     .bind(format!("keyward-listener {}", b.replica.instance_id()))
-    .fetch_all(&mut superuser().await)
+    .fetch_all(&mut db::maintenance().await)
     .await
     .expect("terminate");
     assert_eq!(killed, [true], "exactly B's listener was terminated");
@@ -152,7 +141,7 @@ async fn a_warm_replica_rides_out_a_database_outage_within_stale_if_error() {
 
     // The outage: the database refuses connections and drops the ones it has.
     let db = a.database_name().to_owned();
-    let mut su = superuser().await;
+    let mut su = db::maintenance().await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         r#"ALTER DATABASE "{db}" ALLOW_CONNECTIONS false"#
     )))

@@ -95,11 +95,10 @@ impl Checker {
     /// The hot path without I/O: answers from the credential alone or from
     /// the cache, or says which hash must be read from the store.
     pub fn check_cached(&self, credential: Option<&str>, request: &policy::Request<'_>) -> Cached {
-        let key = match parse_credential(credential) {
-            Ok(key) => key,
+        let hash = match parse_credential(credential) {
+            Ok(hash) => hash,
             Err(reason) => return Cached::Answered(Outcome::denied(reason)),
         };
-        let hash = key.hash();
         let entry = match self.cache.get(&hash) {
             Some(Lookup::Fresh(entry)) => entry,
             // Stale-while-revalidate: answer now, re-read in the background.
@@ -153,8 +152,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Accepts `<key>` or `Bearer <key>` (scheme case-insensitive, RFC 6750).
-/// Presence and format are settled here, before any cache or store lookup.
-fn parse_credential(credential: Option<&str>) -> Result<ApiKey, Reason> {
+/// Presence and format are settled here, before any cache or store lookup;
+/// what comes out is the key's hash (the secret is not copied).
+fn parse_credential(credential: Option<&str>) -> Result<KeyHash, Reason> {
     let value = credential.map(str::trim).unwrap_or_default();
     if value.is_empty() {
         return Err(Reason::MissingKey);
@@ -164,7 +164,7 @@ fn parse_credential(credential: Option<&str>) -> Result<ApiKey, Reason> {
         Some(_) => return Err(Reason::MalformedKey),
         None => value,
     };
-    ApiKey::parse(token).map_err(|err| {
+    ApiKey::parse_hash(token).map_err(|err| {
         tracing::debug!(%err, "malformed key presented");
         Reason::MalformedKey
     })
@@ -191,7 +191,7 @@ mod tests {
         ] {
             assert_eq!(
                 parse_credential(Some(&presented)),
-                Ok(k.clone()),
+                Ok(k.hash()),
                 "{presented:?}"
             );
         }

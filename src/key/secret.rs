@@ -101,40 +101,23 @@ impl ApiKey {
 
     /// Verifies format and checksum without touching any store.
     pub fn parse(s: &str) -> Result<Self, KeyFormatError> {
-        let b = s.as_bytes();
-        if b.len() > KEY_MAX {
-            return Err(KeyFormatError::Length);
-        }
-        if !b.is_ascii() {
-            return Err(KeyFormatError::Alphabet);
-        }
-        // The body and checksum are base62, so the last '_' ends the prefix.
-        let sep = b
-            .iter()
-            .rposition(|&c| c == b'_')
-            .ok_or(KeyFormatError::Prefix)?;
-        check_prefix(&b[..sep]).map_err(|_| KeyFormatError::Prefix)?;
-        let tail = &b[sep + 1..];
-        if tail.len() != BODY_LEN + CHECKSUM_LEN {
-            return Err(KeyFormatError::Length);
-        }
-        if !tail.iter().all(u8::is_ascii_alphanumeric) {
-            return Err(KeyFormatError::Alphabet);
-        }
-        let (checked, checksum) = b.split_at(b.len() - CHECKSUM_LEN);
-        let claimed = base62::decode(checksum).map_err(|_| KeyFormatError::Checksum)?;
-        if claimed != u128::from(crc32fast::hash(checked)) {
-            return Err(KeyFormatError::Checksum);
-        }
+        let prefix_len = validate(s)?;
         Ok(Self {
             secret: s.to_owned(),
-            prefix_len: sep,
+            prefix_len,
         })
+    }
+
+    /// [`ApiKey::parse`] and [`ApiKey::hash`] in one, without copying the
+    /// secret: all a check needs of a presented key.
+    pub fn parse_hash(s: &str) -> Result<KeyHash, KeyFormatError> {
+        validate(s)?;
+        Ok(KeyHash::of(s))
     }
 
     /// SHA-256 of the whole key: the only form stored at rest.
     pub fn hash(&self) -> KeyHash {
-        KeyHash(Sha256::digest(self.secret.as_bytes()).into())
+        KeyHash::of(&self.secret)
     }
 
     pub fn prefix(&self) -> &str {
@@ -160,6 +143,36 @@ impl fmt::Debug for ApiKey {
 }
 
 /// CRC32 as exactly 6 base62 digits, zero-padded on the left (62^6 > 2^32).
+/// Format and checksum of a presented key; the prefix's length.
+fn validate(s: &str) -> Result<usize, KeyFormatError> {
+    let b = s.as_bytes();
+    if b.len() > KEY_MAX {
+        return Err(KeyFormatError::Length);
+    }
+    if !b.is_ascii() {
+        return Err(KeyFormatError::Alphabet);
+    }
+    // The body and checksum are base62, so the last '_' ends the prefix.
+    let sep = b
+        .iter()
+        .rposition(|&c| c == b'_')
+        .ok_or(KeyFormatError::Prefix)?;
+    check_prefix(&b[..sep]).map_err(|_| KeyFormatError::Prefix)?;
+    let tail = &b[sep + 1..];
+    if tail.len() != BODY_LEN + CHECKSUM_LEN {
+        return Err(KeyFormatError::Length);
+    }
+    if !tail.iter().all(u8::is_ascii_alphanumeric) {
+        return Err(KeyFormatError::Alphabet);
+    }
+    let (checked, checksum) = b.split_at(b.len() - CHECKSUM_LEN);
+    let claimed = base62::decode(checksum).map_err(|_| KeyFormatError::Checksum)?;
+    if claimed != u128::from(crc32fast::hash(checked)) {
+        return Err(KeyFormatError::Checksum);
+    }
+    Ok(sep)
+}
+
 fn encode_checksum(crc: u32) -> [u8; CHECKSUM_LEN] {
     let mut digits = [0u8; CHECKSUM_LEN];
     // Cannot fail: a u32 needs at most 6 base62 digits.
@@ -175,6 +188,10 @@ fn encode_checksum(crc: u32) -> [u8; CHECKSUM_LEN] {
 pub struct KeyHash([u8; 32]);
 
 impl KeyHash {
+    fn of(secret: &str) -> Self {
+        Self(Sha256::digest(secret.as_bytes()).into())
+    }
+
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
@@ -317,6 +334,7 @@ mod tests {
             let parsed = ApiKey::parse(key.expose_secret());
             prop_assert_eq!(parsed.as_ref(), Ok(&key));
             prop_assert_eq!(key.prefix(), p.as_str());
+            prop_assert_eq!(ApiKey::parse_hash(key.expose_secret()), Ok(key.hash()));
         }
 
         #[test]
@@ -332,6 +350,7 @@ mod tests {
             chars[i] = replacement;
             let damaged: String = chars.into_iter().collect();
             prop_assert!(ApiKey::parse(&damaged).is_err(), "accepted {}", damaged);
+            prop_assert!(ApiKey::parse_hash(&damaged).is_err(), "hashed {}", damaged);
         }
 
         #[test]

@@ -10,7 +10,8 @@ use chrono::Utc;
 use divan::{Bencher, black_box};
 use keyward::{
     cache::{CacheSettings, CachedKey, KeyCache, Lookup},
-    checker::{Cached, Checker},
+    checker::{Cached, Checker, CheckerSettings},
+    filter::KeyFilter,
     key::{ApiKey, Grant, KeyHash, KeyId, KeyPrefix, Metadata, OwnerId, Resource, Scope},
     policy::{self, Reason},
     store::{DbOptions, Store},
@@ -51,15 +52,10 @@ fn fixture() -> &'static Fixture {
             .build()
             .expect("runtime");
         let _guard = runtime.enter();
-        let store = Store::connect_lazy(&DbOptions {
-            url: "postgres://postgres@127.0.0.1:1/unused".into(),
-            max_connections: 1,
-            acquire_timeout: Duration::from_millis(1),
-            application_name: "keyward-bench".into(),
-        })
-        .expect("lazy store");
+        let store = Store::connect_lazy(&DbOptions::new("postgres://postgres@127.0.0.1:1/unused"))
+            .expect("lazy store");
         let cache = KeyCache::new(&CacheSettings {
-            capacity: 1_000_000,
+            max_bytes: 1 << 30,
             ttl: Duration::from_secs(3600),
             stale_if_error: Duration::from_secs(3600),
             negative_capacity: 1000,
@@ -82,12 +78,18 @@ fn fixture() -> &'static Fixture {
                 disabled_at: None,
                 revoked_at: None,
             };
-            cache.fill(cache.ticket(), key.hash(), Some(grant.clone()));
+            cache.fill(cache.ticket(&key.hash()), key.hash(), Some(grant.clone()));
             hashes.push(key.hash());
             keys.push(key);
             grants.push(grant);
         }
-        let checker = Checker::new(cache.clone(), store, Arc::new(UsageRecorder::default()));
+        let checker = Checker::new(
+            cache.clone(),
+            Arc::new(KeyFilter::default()),
+            store,
+            Arc::new(UsageRecorder::default()),
+            CheckerSettings::default(),
+        );
         Fixture {
             checker,
             cache,

@@ -17,7 +17,19 @@
 //! stale record back after the eviction. Every invalidation therefore bumps a
 //! generation counter *before* evicting, and a loader re-reads the counter
 //! *after* inserting and evicts its own insert if it changed. Either the
-//! loader sees the bump, or the eviction comes after its insert.
+//! loader sees the bump, or the eviction comes after its insert. Counters are
+//! kept per shard of hashes (1,024 of them), so a change to one key spoils
+//! only the fills in flight for keys of its shard, not every fill on every
+//! replica: a tenant toggling a key cannot keep caches from filling.
+//!
+//! After the listener was away, entries may be marked "revalidate before
+//! use" ([`KeyCache::revalidate_all`]): the next check of such a key re-reads
+//! it, and may answer from the old entry only if the store cannot be reached
+//! (within `stale_if_error`, as for any stale entry).
+//!
+//! The cache of known keys is bounded by bytes: each entry weighs what its
+//! grant holds (a key with long metadata weighs more), so a few maximal keys
+//! cannot push memory far past the bound the way a count-bounded cache would.
 
 use std::{
     sync::{
@@ -34,11 +46,14 @@ use crate::{
     usage::{KeyUsage, Used},
 };
 
+/// Shards of the fill generation counters.
+const SHARDS: usize = 1024;
+
 /// Sizes and lifetimes of the cache entries.
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
-    /// Known keys held at most.
-    pub capacity: u64,
+    /// Bytes the known keys may take, by each entry's weight.
+    pub max_bytes: u64,
     /// How long a known key is served before it is re-read (soft TTL).
     pub ttl: Duration,
     /// How much longer than `ttl` a known key may be served while the store
@@ -59,6 +74,15 @@ pub struct CachedKey {
     loaded_at: Instant,
 }
 
+impl CachedKey {
+    /// Bytes this entry holds, with the cache's own bookkeeping for it
+    /// (measured: about 100 bytes per moka entry).
+    fn weight(&self) -> u32 {
+        let bytes = std::mem::size_of::<Self>() + self.grant.heap_bytes() + 100;
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+}
+
 impl Used for CachedKey {
     fn usage(&self) -> &KeyUsage {
         &self.usage
@@ -73,9 +97,11 @@ impl Used for CachedKey {
 #[derive(Debug, Clone)]
 pub enum Lookup {
     Fresh(Arc<CachedKey>),
-    /// Past its soft TTL: re-read it, but it may still answer if the store
-    /// cannot be reached.
+    /// Past its soft TTL: re-read it, but it may still answer meanwhile.
     Stale(Arc<CachedKey>),
+    /// Loaded before the listener lost notices: re-read it before answering;
+    /// it may answer only if the store cannot be reached.
+    Revalidate(Arc<CachedKey>),
     Unknown,
 }
 
@@ -86,24 +112,41 @@ pub struct KeyCache {
     ttl: Duration,
     /// `ttl + stale_if_error`: past this an entry is never served.
     hard: Duration,
-    generation: Arc<AtomicU64>,
+    generations: Arc<[AtomicU64]>,
+    origin: Instant,
+    /// Entries loaded before `origin` + this many nanoseconds must be re-read
+    /// before use; 0: none.
+    revalidate_before: Arc<AtomicU64>,
 }
 
 /// Taken before a miss is loaded; hands the loaded answer to the cache.
 #[derive(Debug, Clone, Copy)]
-pub struct Ticket(u64);
+pub struct Ticket {
+    shard: usize,
+    generation: u64,
+}
+
+fn shard(hash: &KeyHash) -> usize {
+    let b = hash.as_bytes();
+    usize::from(u16::from_le_bytes([b[8], b[9]])) % SHARDS
+}
 
 impl KeyCache {
     pub fn new(settings: &CacheSettings) -> Self {
         Self {
-            known: Cache::builder().max_capacity(settings.capacity).build(),
+            known: Cache::builder()
+                .max_capacity(settings.max_bytes)
+                .weigher(|_, entry: &Arc<CachedKey>| entry.weight())
+                .build(),
             unknown: Cache::builder()
                 .max_capacity(settings.negative_capacity)
                 .time_to_live(settings.negative_ttl)
                 .build(),
             ttl: settings.ttl,
             hard: settings.ttl.saturating_add(settings.stale_if_error),
-            generation: Arc::new(AtomicU64::new(0)),
+            generations: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
+            origin: Instant::now(),
+            revalidate_before: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -111,23 +154,45 @@ impl KeyCache {
     pub fn get(&self, hash: &KeyHash) -> Option<Lookup> {
         if let Some(entry) = self.known.get(hash) {
             let age = entry.loaded_at.elapsed();
+            if age >= self.hard {
+                self.known.invalidate(hash);
+                return None;
+            }
+            if self.marked(&entry) {
+                return Some(Lookup::Revalidate(entry));
+            }
             if age < self.ttl {
                 return Some(Lookup::Fresh(entry));
             }
-            if age < self.hard {
-                return Some(Lookup::Stale(entry));
-            }
-            self.known.invalidate(hash);
-            return None;
+            return Some(Lookup::Stale(entry));
         }
         self.unknown.get(hash).map(|()| Lookup::Unknown)
+    }
+
+    fn marked(&self, entry: &CachedKey) -> bool {
+        let before = self.revalidate_before.load(Ordering::Acquire);
+        before != 0
+            && (entry
+                .loaded_at
+                .saturating_duration_since(self.origin)
+                .as_nanos() as u64)
+                < before
+    }
+
+    /// Whether an entry may still answer while the store cannot be reached.
+    pub fn within_stale_if_error(&self, entry: &CachedKey) -> bool {
+        entry.loaded_at.elapsed() < self.hard
     }
 
     /// Call before reading the store on a miss; pass the ticket to [`fill`].
     ///
     /// [`fill`]: KeyCache::fill
-    pub fn ticket(&self) -> Ticket {
-        Ticket(self.generation.load(Ordering::SeqCst))
+    pub fn ticket(&self, hash: &KeyHash) -> Ticket {
+        let shard = shard(hash);
+        Ticket {
+            shard,
+            generation: self.generations[shard].load(Ordering::SeqCst),
+        }
     }
 
     /// Caches what the store said, unless an invalidation overtook the read,
@@ -155,22 +220,45 @@ impl KeyCache {
                 None
             }
         };
-        if self.generation.load(Ordering::SeqCst) != ticket.0 {
+        if self.generations[ticket.shard].load(Ordering::SeqCst) != ticket.generation {
             self.evict(&hash);
         }
         entry
     }
 
+    fn bump(&self, hash: &KeyHash) {
+        self.generations[shard(hash)].fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Drops whatever is cached for this hash; the next check reads the store.
     pub fn invalidate(&self, hash: &KeyHash) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.bump(hash);
         self.evict(hash);
     }
 
-    /// Drops everything, e.g. when invalidations may have been missed.
-    pub fn invalidate_all(&self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        self.known.invalidate_all();
+    /// A key with this hash was just created: forget that it was unknown
+    /// (a known entry, filled from the new row, stays).
+    pub fn forget_unknown(&self, hash: &KeyHash) {
+        self.bump(hash);
+        self.unknown.invalidate(hash);
+    }
+
+    /// Many keys were created at once: forget every unknown hash.
+    pub fn forget_all_unknown(&self) {
+        for generation in self.generations.iter() {
+            generation.fetch_add(1, Ordering::SeqCst);
+        }
+        self.unknown.invalidate_all();
+    }
+
+    /// Marks every entry loaded so far "revalidate before use", e.g. when
+    /// notices may have been missed and the changes cannot be read.
+    pub fn revalidate_all(&self) {
+        for generation in self.generations.iter() {
+            generation.fetch_add(1, Ordering::SeqCst);
+        }
+        let now = self.origin.elapsed().as_nanos() as u64 + 1;
+        self.revalidate_before.fetch_max(now, Ordering::AcqRel);
         self.unknown.invalidate_all();
     }
 
@@ -183,6 +271,22 @@ impl KeyCache {
     pub fn known_len(&self) -> u64 {
         self.known.entry_count()
     }
+
+    /// Bytes the known keys weigh (approximate, as moka counts lazily).
+    pub fn known_bytes(&self) -> u64 {
+        self.known.weighted_size()
+    }
+
+    /// Unknown hashes currently remembered (approximate).
+    pub fn unknown_len(&self) -> u64 {
+        self.unknown.entry_count()
+    }
+
+    /// Applies moka's pending bookkeeping, so sizes are current (tests).
+    pub fn sync(&self) {
+        self.known.run_pending_tasks();
+        self.unknown.run_pending_tasks();
+    }
 }
 
 #[cfg(test)]
@@ -192,7 +296,7 @@ mod tests {
 
     fn settings(ttl: Duration) -> CacheSettings {
         CacheSettings {
-            capacity: 100,
+            max_bytes: 1 << 20,
             ttl,
             stale_if_error: Duration::from_secs(60),
             negative_capacity: 100,
@@ -211,7 +315,7 @@ mod tests {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let (hash, rec) = record();
         assert!(cache.get(&hash).is_none());
-        cache.fill(cache.ticket(), hash, Some(rec));
+        cache.fill(cache.ticket(&hash), hash, Some(rec));
         assert!(matches!(cache.get(&hash), Some(Lookup::Fresh(_))));
         cache.invalidate(&hash);
         assert!(cache.get(&hash).is_none());
@@ -225,7 +329,7 @@ mod tests {
             ..settings(Duration::ZERO)
         });
         let (hash, rec) = record();
-        cache.fill(cache.ticket(), hash, Some(rec));
+        cache.fill(cache.ticket(&hash), hash, Some(rec));
         assert!(cache.get(&hash).is_none());
     }
 
@@ -233,7 +337,7 @@ mod tests {
     fn entries_past_the_soft_ttl_are_stale_but_still_held() {
         let cache = KeyCache::new(&settings(Duration::ZERO));
         let (hash, rec) = record();
-        cache.fill(cache.ticket(), hash, Some(rec));
+        cache.fill(cache.ticket(&hash), hash, Some(rec));
         assert!(matches!(cache.get(&hash), Some(Lookup::Stale(_))));
     }
 
@@ -241,9 +345,9 @@ mod tests {
     fn unknown_hashes_are_remembered_until_the_key_appears() {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let (hash, rec) = record();
-        cache.fill(cache.ticket(), hash, None);
+        cache.fill(cache.ticket(&hash), hash, None);
         assert!(matches!(cache.get(&hash), Some(Lookup::Unknown)));
-        cache.fill(cache.ticket(), hash, Some(rec));
+        cache.fill(cache.ticket(&hash), hash, Some(rec));
         assert!(matches!(cache.get(&hash), Some(Lookup::Fresh(_))));
     }
 
@@ -251,7 +355,7 @@ mod tests {
     fn a_load_overtaken_by_an_invalidation_is_not_kept() {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let (hash, rec) = record();
-        let ticket = cache.ticket();
+        let ticket = cache.ticket(&hash);
         // The store was read (stale), then the key was revoked elsewhere.
         cache.invalidate(&hash);
         let served = cache.fill(ticket, hash, Some(rec));
@@ -260,13 +364,67 @@ mod tests {
     }
 
     #[test]
-    fn invalidate_all_empties_both_caches() {
+    fn a_change_to_one_key_spoils_only_fills_of_its_shard() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let (changed, _) = record();
+        // A key in another shard than the changed one.
+        let (other, rec) = std::iter::repeat_with(record)
+            .find(|(h, _)| shard(h) != shard(&changed))
+            .unwrap();
+        let ticket = cache.ticket(&other);
+        cache.invalidate(&changed);
+        cache.fill(ticket, other, Some(rec));
+        assert!(matches!(cache.get(&other), Some(Lookup::Fresh(_))));
+    }
+
+    #[test]
+    fn entries_marked_for_revalidation_say_so_until_refilled() {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let ((a_hash, a), (b, _)) = (record(), record());
-        cache.fill(cache.ticket(), a_hash, Some(a));
-        cache.fill(cache.ticket(), b, None);
-        cache.invalidate_all();
-        assert!(cache.get(&a_hash).is_none());
-        assert!(cache.get(&b).is_none());
+        cache.fill(cache.ticket(&a_hash), a_hash, Some(a.clone()));
+        cache.fill(cache.ticket(&b), b, None);
+        cache.revalidate_all();
+        assert!(matches!(cache.get(&a_hash), Some(Lookup::Revalidate(_))));
+        assert!(cache.get(&b).is_none(), "unknown hashes are forgotten");
+        cache.fill(cache.ticket(&a_hash), a_hash, Some(a));
+        assert!(matches!(cache.get(&a_hash), Some(Lookup::Fresh(_))));
+    }
+
+    #[test]
+    fn a_new_key_forgets_only_that_it_was_unknown() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let ((known, rec), (unknown, _)) = (record(), record());
+        cache.fill(cache.ticket(&known), known, Some(rec));
+        cache.fill(cache.ticket(&unknown), unknown, None);
+        cache.forget_unknown(&known);
+        cache.forget_unknown(&unknown);
+        assert!(matches!(cache.get(&known), Some(Lookup::Fresh(_))));
+        assert!(cache.get(&unknown).is_none());
+    }
+
+    #[test]
+    fn the_cache_is_bounded_by_the_weight_of_its_entries() {
+        let cache = KeyCache::new(&CacheSettings {
+            max_bytes: 64 * 1024,
+            ..settings(Duration::from_secs(60))
+        });
+        let heavy = || {
+            let mut grant = Grant::for_test("acme", &[]);
+            grant.metadata =
+                crate::key::Metadata::parse((0..16).map(|i| (format!("k{i}"), "v".repeat(1000))))
+                    .unwrap();
+            grant
+        };
+        for _ in 0..20 {
+            let (hash, _) = record();
+            cache.fill(cache.ticket(&hash), hash, Some(heavy()));
+        }
+        cache.sync();
+        assert!(cache.known_bytes() <= 64 * 1024, "{}", cache.known_bytes());
+        assert!(
+            cache.known_len() < 20,
+            "{} heavy keys kept",
+            cache.known_len()
+        );
     }
 }

@@ -1,19 +1,36 @@
 //! The hot path, shared by every front door:
-//! credential -> parse (format, checksum) -> SHA-256 -> cache -> (miss: one
-//! indexed SELECT) -> decide.
+//! source throttle -> credential -> parse (format, checksum) -> SHA-256 ->
+//! cache -> (miss: membership filter -> one indexed SELECT, single-flight)
+//! -> decide.
+//!
+//! What it costs an attacker's keys, in order: a blocked source is refused
+//! before parsing; a malformed key before hashing; a key no replica ever
+//! stored (the membership filter rules it out) without a lookup, except for
+//! a small per-replica budget of lookups that covers a key minted on another
+//! replica whose notice has not arrived yet. Concurrent misses for one hash
+//! share one SELECT, and lookups draw on a bounded share of the database
+//! connections, so the admin plane always gets one.
 
 use std::{
-    collections::HashSet,
-    sync::{Arc, Mutex},
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use chrono::Utc;
+use tokio::sync::watch;
 
 use crate::{
-    cache::{CachedKey, KeyCache, Lookup},
+    cache::{CachedKey, KeyCache, Lookup, Ticket},
+    filter::KeyFilter,
     key::{ApiKey, Grant, KeyHash},
     policy::{self, Decision, Reason},
     store::{Store, StoreError},
+    throttle::{Source, SourceThrottle, ThrottleSettings},
     usage::UsageRecorder,
 };
 
@@ -37,88 +54,321 @@ impl Outcome {
             entry: None,
         }
     }
+
+    fn blocked(retry_after: Duration) -> Self {
+        Self {
+            decision: Decision::source_blocked(retry_after),
+            entry: None,
+        }
+    }
+}
+
+/// Why a check could not be decided. Callers must not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Undecided {
+    /// The key is not cached and the store could not be read in time (down,
+    /// hung, or every check connection busy).
+    #[error("key store unavailable")]
+    Unavailable,
+    /// The store answered with something unusable (logged where it happened).
+    #[error("internal error")]
+    Internal,
+}
+
+impl From<&StoreError> for Undecided {
+    fn from(err: &StoreError) -> Self {
+        if err.is_retryable() {
+            Undecided::Unavailable
+        } else {
+            Undecided::Internal
+        }
+    }
 }
 
 /// What the cache alone can say.
 #[derive(Debug)]
 pub enum Cached {
     Answered(Outcome),
-    /// Not cached: the store must be read for this hash.
-    Miss(KeyHash),
+    /// Not cached (or to be re-read first): the store must be read for this
+    /// hash. The old entry, if any, may answer only if the store cannot be.
+    Miss(KeyHash, Option<Arc<CachedKey>>),
 }
+
+#[derive(Debug, Clone, Copy)]
+pub struct CheckerSettings {
+    /// Lookups per second for keys the membership filter rules out.
+    pub unknown_lookups_per_second: u32,
+    pub unknown_lookup_burst: u32,
+    pub throttle: ThrottleSettings,
+}
+
+/// The settings' defaults (`config.rs`).
+impl Default for CheckerSettings {
+    fn default() -> Self {
+        Self {
+            unknown_lookups_per_second: 20,
+            unknown_lookup_burst: 100,
+            throttle: ThrottleSettings {
+                threshold: 20,
+                window: Duration::from_secs(60),
+                cooldown: Duration::from_secs(60),
+            },
+        }
+    }
+}
+
+/// What the checker did that no store counter shows.
+#[derive(Debug, Default)]
+pub struct CheckerStats {
+    filter_rejections: AtomicU64,
+    budget_lookups: AtomicU64,
+    sources_blocked: AtomicU64,
+    blocked_checks: AtomicU64,
+}
+
+impl CheckerStats {
+    /// Keys refused on the membership filter's word, without a lookup.
+    pub fn filter_rejections(&self) -> u64 {
+        self.filter_rejections.load(Ordering::Relaxed)
+    }
+
+    /// Lookups of keys the filter ruled out (spent from the budget).
+    pub fn budget_lookups(&self) -> u64 {
+        self.budget_lookups.load(Ordering::Relaxed)
+    }
+
+    /// Sources blocked by brute-force protection.
+    pub fn sources_blocked(&self) -> u64 {
+        self.sources_blocked.load(Ordering::Relaxed)
+    }
+
+    /// Checks refused because their source was blocked.
+    pub fn blocked_checks(&self) -> u64 {
+        self.blocked_checks.load(Ordering::Relaxed)
+    }
+}
+
+type Loaded = Result<Option<Arc<CachedKey>>, Undecided>;
 
 #[derive(Debug, Clone)]
 pub struct Checker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     cache: KeyCache,
+    filter: Arc<KeyFilter>,
     store: Store,
     usage: Arc<UsageRecorder>,
-    /// Hashes with a background re-read in flight (one per key at a time).
-    refreshing: Arc<Mutex<HashSet<KeyHash>>>,
+    /// One store read per hash at a time: misses and revalidations of the
+    /// same key wait for the read in flight.
+    flights: Mutex<HashMap<KeyHash, watch::Receiver<Option<Loaded>>>>,
+    throttle: SourceThrottle,
+    unknown_budget: Budget,
+    stats: CheckerStats,
+    /// When the last store failure was logged (ms since `origin`).
+    last_failure_log_ms: AtomicU64,
+    origin: Instant,
 }
 
 impl Checker {
-    pub fn new(cache: KeyCache, store: Store, usage: Arc<UsageRecorder>) -> Self {
+    pub fn new(
+        cache: KeyCache,
+        filter: Arc<KeyFilter>,
+        store: Store,
+        usage: Arc<UsageRecorder>,
+        settings: CheckerSettings,
+    ) -> Self {
         Self {
-            cache,
-            store,
-            usage,
-            refreshing: Arc::default(),
+            inner: Arc::new(Inner {
+                cache,
+                filter,
+                store,
+                usage,
+                flights: Mutex::default(),
+                throttle: SourceThrottle::new(settings.throttle),
+                unknown_budget: Budget::new(
+                    settings.unknown_lookups_per_second,
+                    settings.unknown_lookup_burst,
+                ),
+                stats: CheckerStats::default(),
+                last_failure_log_ms: AtomicU64::new(0),
+                origin: Instant::now(),
+            }),
         }
     }
 
     pub fn cache(&self) -> &KeyCache {
-        &self.cache
+        &self.inner.cache
+    }
+
+    pub fn filter(&self) -> &KeyFilter {
+        &self.inner.filter
+    }
+
+    pub fn stats(&self) -> &CheckerStats {
+        &self.inner.stats
     }
 
     /// Decides for a credential as presented: a bare key or a whole
     /// `Authorization` header value (`Bearer <key>`). `None`: none presented.
+    /// `client` is the address brute-force protection counts failures
+    /// against (Envoy's downstream peer, the caller's `client_ip`, or the
+    /// gRPC peer).
     ///
-    /// A denial is an `Ok`; `Err` means the answer cannot be known (the key is
-    /// not cached and the store cannot be read), and callers must not allow.
+    /// A denial is an `Ok`; `Err` means the answer cannot be known, and
+    /// callers must not allow.
     pub async fn check(
         &self,
         credential: Option<&str>,
         request: &policy::Request<'_>,
-    ) -> Result<Outcome, StoreError> {
-        let hash = match self.check_cached(credential, request) {
-            Cached::Answered(outcome) => return Ok(outcome),
-            Cached::Miss(hash) => hash,
+        client: Option<IpAddr>,
+    ) -> Result<Outcome, Undecided> {
+        let source = client.map(Source::from);
+        let now = Instant::now();
+        if let Some(retry_after) = self.inner.throttle.blocked(source, now) {
+            self.inner
+                .stats
+                .blocked_checks
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Outcome::blocked(retry_after));
+        }
+        let outcome = match self.check_cached(credential, request) {
+            Cached::Answered(outcome) => outcome,
+            Cached::Miss(hash, old) => self.check_store(hash, old, request).await?,
         };
-        let ticket = self.cache.ticket();
-        let found = self.store.find_grant(&hash).await?;
-        Ok(match self.cache.fill(ticket, hash, found) {
-            Some(entry) => self.decide(&entry, request),
-            None => Outcome::denied(Reason::UnknownKey),
-        })
+        if outcome.decision.is_failed_presentation() && self.inner.throttle.failed(source, now) {
+            self.inner
+                .stats
+                .sources_blocked
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                client = ?client,
+                reason = outcome.decision.reason.as_str(),
+                "too many invalid API keys from one address; refusing it for the cooldown"
+            );
+        }
+        Ok(outcome)
     }
 
-    /// The hot path without I/O: answers from the credential alone or from
-    /// the cache, or says which hash must be read from the store.
+    /// The hot path without I/O: answers from the credential alone, the
+    /// cache or the membership filter, or says which hash must be read.
     pub fn check_cached(&self, credential: Option<&str>, request: &policy::Request<'_>) -> Cached {
         let hash = match parse_credential(credential) {
             Ok(hash) => hash,
             Err(reason) => return Cached::Answered(Outcome::denied(reason)),
         };
-        let entry = match self.cache.get(&hash) {
+        let inner = &*self.inner;
+        let entry = match inner.cache.get(&hash) {
             Some(Lookup::Fresh(entry)) => entry,
             // Stale-while-revalidate: answer now, re-read in the background.
             // While the store is unreachable the stale entry keeps answering
             // until the cache drops it (soft TTL + stale_if_error).
             Some(Lookup::Stale(entry)) => {
-                self.refresh_in_background(hash);
+                drop(self.flight(hash));
                 entry
             }
+            Some(Lookup::Revalidate(entry)) => return Cached::Miss(hash, Some(entry)),
             Some(Lookup::Unknown) => return Cached::Answered(Outcome::denied(Reason::UnknownKey)),
-            None => return Cached::Miss(hash),
+            None => {
+                if !inner.filter.might_contain(&hash) {
+                    if !inner.unknown_budget.take() {
+                        inner
+                            .stats
+                            .filter_rejections
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Cached::Answered(Outcome::denied(Reason::UnknownKey));
+                    }
+                    inner.stats.budget_lookups.fetch_add(1, Ordering::Relaxed);
+                }
+                return Cached::Miss(hash, None);
+            }
         };
         Cached::Answered(self.decide(&entry, request))
+    }
+
+    async fn check_store(
+        &self,
+        hash: KeyHash,
+        old: Option<Arc<CachedKey>>,
+        request: &policy::Request<'_>,
+    ) -> Result<Outcome, Undecided> {
+        let mut flight = self.flight(hash);
+        let loaded = match flight.wait_for(Option::is_some).await {
+            Ok(loaded) => loaded.clone().unwrap_or(Err(Undecided::Internal)),
+            // The loading task died (a panic): nothing was decided.
+            Err(_) => Err(Undecided::Internal),
+        };
+        match loaded {
+            Ok(Some(entry)) => Ok(self.decide(&entry, request)),
+            Ok(None) => Ok(Outcome::denied(Reason::UnknownKey)),
+            // Stale-if-error for an entry that was due for a re-read.
+            Err(Undecided::Unavailable) => match old {
+                Some(old) if self.inner.cache.within_stale_if_error(&old) => {
+                    Ok(self.decide(&old, request))
+                }
+                _ => Err(Undecided::Unavailable),
+            },
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The store read in flight for `hash`, or a new one. The read runs in
+    /// its own task, so it completes (and fills the cache) even when every
+    /// caller waiting for it gave up.
+    fn flight(&self, hash: KeyHash) -> watch::Receiver<Option<Loaded>> {
+        let mut flights = lock(&self.inner.flights);
+        if let Some(rx) = flights.get(&hash) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        flights.insert(hash, rx.clone());
+        drop(flights);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let loaded = this.read(hash).await;
+            let _ = tx.send(Some(loaded));
+            lock(&this.inner.flights).remove(&hash);
+        });
+        rx
+    }
+
+    async fn read(&self, hash: KeyHash) -> Loaded {
+        let inner = &*self.inner;
+        let ticket = inner.cache.ticket(&hash);
+        match inner.store.find_grant(&hash).await {
+            Ok(found) => Ok(inner.cache.fill(ticket, hash, found)),
+            Err(err) => {
+                if err.is_retryable() {
+                    inner.store.suspect_connections();
+                }
+                self.log_failure(&err);
+                Err(Undecided::from(&err))
+            }
+        }
+    }
+
+    /// One line per second at most: during an outage every miss fails.
+    fn log_failure(&self, err: &StoreError) {
+        let inner = &*self.inner;
+        let now_ms = inner.origin.elapsed().as_millis() as u64;
+        let last = inner.last_failure_log_ms.load(Ordering::Relaxed);
+        if (last == 0 || now_ms >= last + 1000)
+            && inner
+                .last_failure_log_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(error = %crate::telemetry::chain(err), "cannot read a key from the store");
+        }
     }
 
     fn decide(&self, entry: &Arc<CachedKey>, request: &policy::Request<'_>) -> Outcome {
         let now = Utc::now();
         let decision = policy::decide(&entry.grant, request, now);
         if decision.allowed() {
-            self.usage.record(entry, now);
+            self.inner.usage.record(entry, now);
         }
         Outcome {
             decision,
@@ -126,29 +376,59 @@ impl Checker {
         }
     }
 
-    fn refresh_in_background(&self, hash: KeyHash) {
-        if !lock(&self.refreshing).insert(hash) {
-            return;
-        }
-        let this = self.clone();
-        tokio::spawn(async move {
-            let ticket = this.cache.ticket();
-            match this.store.find_grant(&hash).await {
-                Ok(found) => {
-                    this.cache.fill(ticket, hash, found);
-                }
-                Err(err) => {
-                    tracing::debug!(%err, "cannot re-read a stale cache entry; still serving it");
-                }
-            }
-            lock(&this.refreshing).remove(&hash);
-        });
+    /// Call before storing a new key; pass the ticket to [`Checker::remember_new_key`].
+    pub fn ticket(&self, hash: &KeyHash) -> Ticket {
+        self.inner.cache.ticket(hash)
+    }
+
+    /// A key this replica just stored: into the filter and the cache, so its
+    /// first check here costs no lookup.
+    pub fn remember_new_key(&self, ticket: Ticket, hash: KeyHash, grant: Grant) {
+        self.inner.filter.insert(&hash);
+        self.inner.cache.fill(ticket, hash, Some(grant));
+    }
+
+    /// A key this replica just changed: its next check reads the store.
+    pub fn invalidate(&self, hash: &KeyHash) {
+        self.inner.cache.invalidate(hash);
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Plain data; a panic elsewhere cannot leave it inconsistent.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A token bucket: `rate` per second, up to `burst` at once.
+#[derive(Debug)]
+struct Budget {
+    rate: f64,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Budget {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            state: Mutex::new((f64::from(burst), Instant::now())),
+        }
+    }
+
+    fn take(&self) -> bool {
+        let mut state = lock(&self.state);
+        let (tokens, last) = &mut *state;
+        let now = Instant::now();
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Accepts `<key>` or `Bearer <key>` (scheme case-insensitive, RFC 6750).
@@ -174,6 +454,16 @@ fn parse_credential(credential: Option<&str>) -> Result<KeyHash, Reason> {
 mod tests {
     use super::*;
     use crate::key::KeyPrefix;
+
+    #[test]
+    fn the_budget_allows_its_burst_then_refills_at_its_rate() {
+        let budget = Budget::new(10, 3);
+        assert!((0..3).all(|_| budget.take()));
+        assert!(!budget.take());
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(budget.take(), "one token back after 100 ms at 10/s");
+        assert!(!Budget::new(0, 0).take());
+    }
 
     fn key() -> ApiKey {
         ApiKey::generate(&KeyPrefix::parse("kw_test").unwrap())

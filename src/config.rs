@@ -30,7 +30,10 @@ pub struct Config {
     )]
     pub database_url: String,
 
-    /// Most connections this process holds to PostgreSQL.
+    /// Most connections this process holds to PostgreSQL in its pools (the
+    /// LISTEN connection comes on top). Check lookups use at most
+    /// `--db-check-connections` of them; the rest is kept for the admin plane
+    /// and background work, so a flood of lookups cannot starve a Revoke.
     #[arg(
         long,
         env = "KEYWARD_DB_MAX_CONNECTIONS",
@@ -39,10 +42,47 @@ pub struct Config {
     )]
     pub db_max_connections: u32,
 
-    /// How long a query waits for a database connection before the store is
-    /// reported unavailable (bounds a cache miss while the database is down).
+    /// Connections (of `--db-max-connections`) that check lookups may use.
+    #[arg(
+        long,
+        env = "KEYWARD_DB_CHECK_CONNECTIONS",
+        default_value_t = 6,
+        global = true
+    )]
+    pub db_check_connections: u32,
+
+    /// How long an admin call or background write waits for a database
+    /// connection before it fails with UNAVAILABLE.
     #[arg(long, env = "KEYWARD_DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
     pub db_acquire_timeout: Duration,
+
+    /// How long a check lookup waits for one of its connections: when they
+    /// are all busy a miss fails fast (UNAVAILABLE, fail closed) rather than
+    /// queueing.
+    #[arg(long, env = "KEYWARD_DB_CHECK_ACQUIRE_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration, global = true)]
+    pub db_check_acquire_timeout: Duration,
+
+    /// Deadline of one check lookup (connection, query and answer).
+    #[arg(long, env = "KEYWARD_DB_LOOKUP_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration, global = true)]
+    pub db_lookup_timeout: Duration,
+
+    /// Deadline of one admin or background database call, client side: it
+    /// also bounds a database that stopped answering altogether.
+    #[arg(long, env = "KEYWARD_DB_CALL_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub db_call_timeout: Duration,
+
+    /// PostgreSQL's statement_timeout for keyward's connections, sent at
+    /// connection start; 0 leaves the server's setting alone (needed behind
+    /// PgBouncer, which does not pass startup options: set it on the role).
+    #[arg(long, env = "KEYWARD_DB_STATEMENT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub db_statement_timeout: Duration,
+
+    /// Liveness probing of database connections: the LISTEN connection is
+    /// probed after this long without a notice, and a pooled connection idle
+    /// for longer is pinged before use. (sqlx exposes no TCP keepalive
+    /// option; this is keyward's keepalive, with its own deadlines.)
+    #[arg(long, env = "KEYWARD_DB_KEEPALIVE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub db_keepalive: Duration,
 
     /// Address of the gRPC server (admin, check, Envoy ext_authz, health, reflection).
     #[arg(
@@ -57,14 +97,10 @@ pub struct Config {
     #[arg(long, env = "KEYWARD_KEY_PREFIX", default_value = "kw_live", value_parser = parse_prefix, global = true)]
     pub key_prefix: KeyPrefix,
 
-    /// Known keys held in memory.
-    #[arg(
-        long,
-        env = "KEYWARD_CACHE_CAPACITY",
-        default_value_t = 1_000_000,
-        global = true
-    )]
-    pub cache_capacity: u64,
+    /// Memory the cache of known keys may use, by the size of each entry
+    /// (a key with long metadata weighs more than one without), e.g. `512MiB`.
+    #[arg(long, env = "KEYWARD_CACHE_MAX_BYTES", default_value = "512MiB", value_parser = parse_bytes, global = true)]
+    pub cache_max_bytes: u64,
 
     /// How long a known key is answered from memory before it is re-read
     /// (in the background: the stale entry answers meanwhile). Changes reach
@@ -95,6 +131,88 @@ pub struct Config {
     #[arg(long, env = "KEYWARD_USAGE_FLUSH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
     pub usage_flush_interval: Duration,
 
+    /// Deadline of one usage write; a write that misses it is retried with
+    /// the next one.
+    #[arg(long, env = "KEYWARD_USAGE_FLUSH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub usage_flush_timeout: Duration,
+
+    /// Store lookups per second (with `--unknown-key-lookup-burst`) for keys
+    /// the membership filter does not contain. Such a key is normally a
+    /// forgery and is refused without a lookup; the budget covers a key
+    /// minted on another replica a moment ago, before its notice arrived.
+    #[arg(
+        long,
+        env = "KEYWARD_UNKNOWN_KEY_LOOKUPS_PER_SECOND",
+        default_value_t = 20,
+        global = true
+    )]
+    pub unknown_key_lookups_per_second: u32,
+
+    /// Burst of the budget above.
+    #[arg(
+        long,
+        env = "KEYWARD_UNKNOWN_KEY_LOOKUP_BURST",
+        default_value_t = 100,
+        global = true
+    )]
+    pub unknown_key_lookup_burst: u32,
+
+    /// Failed presentations (malformed, unknown, revoked or expired keys)
+    /// one client address (IPv6: its /64) may make per `--brute-force-window`
+    /// before it is refused with RATE_LIMITED for `--brute-force-cooldown`,
+    /// without any lookup. 0 turns the protection off.
+    #[arg(
+        long,
+        env = "KEYWARD_BRUTE_FORCE_THRESHOLD",
+        default_value_t = 20,
+        global = true
+    )]
+    pub brute_force_threshold: u32,
+
+    #[arg(long, env = "KEYWARD_BRUTE_FORCE_WINDOW", default_value = "1m", value_parser = humantime::parse_duration, global = true)]
+    pub brute_force_window: Duration,
+
+    #[arg(long, env = "KEYWARD_BRUTE_FORCE_COOLDOWN", default_value = "1m", value_parser = humantime::parse_duration, global = true)]
+    pub brute_force_cooldown: Duration,
+
+    /// After the LISTEN connection comes back, keys changed since the last
+    /// notice heard minus this margin are evicted (the margin covers
+    /// transactions still open when their change was stamped, and clock
+    /// steps between database servers).
+    #[arg(long, env = "KEYWARD_CATCHUP_MARGIN", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub catchup_margin: Duration,
+
+    /// Concurrent streams one HTTP/2 connection may open.
+    #[arg(
+        long,
+        env = "KEYWARD_MAX_CONCURRENT_STREAMS",
+        default_value_t = 200,
+        global = true
+    )]
+    pub max_concurrent_streams: u32,
+
+    /// Checks in flight across all connections; beyond it a check is shed
+    /// with RESOURCE_EXHAUSTED at once.
+    #[arg(
+        long,
+        env = "KEYWARD_MAX_IN_FLIGHT",
+        default_value_t = 4096,
+        global = true
+    )]
+    pub max_in_flight: usize,
+
+    /// Largest request the two Check services accept, e.g. `64KiB`.
+    #[arg(long, env = "KEYWARD_CHECK_MAX_MESSAGE_SIZE", default_value = "64KiB", value_parser = parse_bytes, global = true)]
+    pub check_max_message_size: u64,
+
+    /// HTTP/2 pings on idle client connections, and how long to wait for the
+    /// answer before closing the connection.
+    #[arg(long, env = "KEYWARD_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub http2_keepalive_interval: Duration,
+
+    #[arg(long, env = "KEYWARD_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub http2_keepalive_timeout: Duration,
+
     /// On SIGTERM/SIGINT, how long in-flight calls may finish before the
     /// process exits anyway. Keep it below Kubernetes' terminationGracePeriodSeconds.
     #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration, global = true)]
@@ -105,6 +223,13 @@ pub struct Config {
     /// request applying it (BENCHMARKS.md); turn it off if nothing reads it.
     #[arg(long, env = "KEYWARD_ENVOY_DYNAMIC_METADATA", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub envoy_dynamic_metadata: bool,
+
+    /// Envoy checks on a route without a `resource` context extension take
+    /// the request's Host header as the resource. Off by default: the client
+    /// chooses that header, so such routes fail closed for keys limited to
+    /// resources.
+    #[arg(long, env = "KEYWARD_ENVOY_HOST_AS_RESOURCE", default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    pub envoy_host_as_resource: bool,
 
     /// Tokio runtime: `current-thread` runs everything on one thread,
     /// `multi-thread` on `--worker-threads` threads; `auto` picks
@@ -163,6 +288,32 @@ pub enum LogFormat {
     Json,
 }
 
+/// `65536`, `64KiB`, `512MiB`, `1GiB` (also `KB`/`MB`/`GB`, as powers of 1000).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 64KiB or 512MiB"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 fn parse_prefix(s: &str) -> Result<KeyPrefix, String> {
     KeyPrefix::parse(s).map_err(|e| format!("key prefix {e}"))
 }
@@ -193,14 +344,20 @@ impl Config {
         DbOptions {
             url: self.database_url.clone(),
             max_connections: self.db_max_connections,
+            check_connections: self.db_check_connections,
             acquire_timeout: self.db_acquire_timeout,
+            check_acquire_timeout: self.db_check_acquire_timeout,
+            lookup_timeout: self.db_lookup_timeout,
+            call_timeout: self.db_call_timeout,
+            statement_timeout: self.db_statement_timeout,
+            keepalive: self.db_keepalive,
             application_name: "keyward".to_owned(),
         }
     }
 
     pub fn cache(&self) -> CacheSettings {
         CacheSettings {
-            capacity: self.cache_capacity,
+            max_bytes: self.cache_max_bytes,
             ttl: self.cache_ttl,
             stale_if_error: self.stale_if_error,
             negative_capacity: self.negative_cache_capacity,
@@ -245,6 +402,17 @@ mod tests {
         assert!(c.envoy_dynamic_metadata);
         let c = Config::try_parse_from(["keyward", "--envoy-dynamic-metadata", "false"]).unwrap();
         assert!(!c.envoy_dynamic_metadata);
+    }
+
+    #[test]
+    fn sizes_take_binary_and_decimal_units() {
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("64KiB"), Ok(65536));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert!(parse_bytes("12 parsecs").unwrap_err().contains("unit"));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("99999999999999GiB").is_err());
     }
 
     #[test]

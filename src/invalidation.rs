@@ -1,14 +1,23 @@
-//! Keeps this replica's cache consistent with every other replica's changes.
+//! Keeps this replica's cache and membership filter consistent with every
+//! other replica's changes.
 //!
-//! A background task holds a `LISTEN keyward_invalidate` connection and evicts
-//! the entry each notice names. Whenever a new `LISTEN` is established (at
-//! start, and after any loss of the connection) it drops the whole cache,
-//! because notices sent while it was not listening are lost. It does *not*
-//! drop the cache when the connection is lost: during a database outage the
-//! cached keys are exactly what `stale_if_error` keeps serving.
+//! A background task holds a `LISTEN keyward_invalidate` connection. Each
+//! notice names a key: changed (evict it), created (add it to the filter,
+//! forget that it was unknown), or many created at once (reload the filter).
 //!
-//! Each notice carries the database time of the change, so the replica can
-//! tell how long revocation took to reach it (`revocation_lag`).
+//! Notices sent while the connection was down are lost, so after every
+//! reconnect the replica catches up before it counts as listening again: it
+//! reads the keys changed since the last moment it knew it had heard
+//! everything (the database time of its last notice or probe), minus a
+//! safety margin, and evicts only those; then it reloads the filter. Hot
+//! keys stay cached, so a database restart does not send every key of every
+//! replica to the database at once, and `stale_if_error` keeps protecting
+//! them while it is down. If the catch-up read fails, every entry is marked
+//! "revalidate before use" instead. Either way a key revoked while the
+//! listener was away is not served once it listens again.
+//!
+//! Each change notice carries the database time of the change, so the
+//! replica can tell how long revocation took to reach it (`revocation_lag`).
 
 use std::{
     sync::{
@@ -18,16 +27,16 @@ use std::{
     time::Duration,
 };
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     cache::KeyCache,
-    store::{Heard, Store},
+    filter::KeyFilter,
+    store::{Heard, Listener, Notice, Store, StoreError},
+    telemetry::chain,
 };
 
-/// With no notice for this long, the connection is probed.
-const HEARTBEAT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -64,68 +73,152 @@ fn micros(us: i64) -> Duration {
     Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
-/// Starts the listener. The receiver counts established `LISTEN` sessions.
-pub fn spawn(
-    store: Store,
-    cache: KeyCache,
-    application_name: String,
-    lag: Arc<LagStats>,
-) -> (JoinHandle<()>, watch::Receiver<u64>) {
+/// What the listener task works on.
+pub struct Listening {
+    pub store: Store,
+    pub cache: KeyCache,
+    pub filter: Arc<KeyFilter>,
+    pub application_name: String,
+    pub lag: Arc<LagStats>,
+    /// Subtracted from the last moment known to be heard, when catching up.
+    pub catchup_margin: Duration,
+}
+
+/// Starts the listener. The receiver counts `LISTEN` sessions established
+/// and caught up.
+pub fn spawn(listening: Listening) -> (JoinHandle<()>, watch::Receiver<u64>) {
     let (sessions_tx, sessions_rx) = watch::channel(0u64);
-    let task = tokio::spawn(run(store, cache, application_name, lag, sessions_tx));
+    let task = tokio::spawn(run(listening, sessions_tx));
     (task, sessions_rx)
 }
 
-async fn run(
-    store: Store,
-    cache: KeyCache,
-    application_name: String,
-    lag: Arc<LagStats>,
-    sessions: watch::Sender<u64>,
-) {
+async fn run(l: Listening, sessions: watch::Sender<u64>) {
+    let keepalive = l.store.keepalive();
     let mut backoff = BACKOFF_MIN;
+    // The database time up to which every notice is known to have arrived.
+    let mut heard_until: Option<DateTime<Utc>> = None;
     loop {
-        let mut listener = match store.listen(&application_name).await {
-            Ok(listener) => listener,
+        let sessions_so_far = *sessions.borrow();
+        let mut listener = match start_session(&l, heard_until, sessions_so_far).await {
+            Ok((listener, listening_since)) => {
+                heard_until = Some(listening_since);
+                listener
+            }
             Err(err) => {
-                tracing::warn!(%err, retry_in = ?backoff, "cannot listen for invalidations");
+                l.store.suspect_connections();
+                tracing::warn!(error = %chain(&err), retry_in = ?backoff, "cannot listen for invalidations");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
         };
         backoff = BACKOFF_MIN;
-        // Anything cached before this LISTEN took effect may have missed its notice.
-        cache.invalidate_all();
         sessions.send_modify(|n| *n += 1);
-        tracing::info!(
-            session = *sessions.borrow(),
-            "listening for invalidations; cache cleared"
-        );
+        tracing::info!(session = sessions_so_far + 1, "listening for invalidations");
 
         loop {
-            match listener.next(HEARTBEAT).await {
+            let heard = listener.next(keepalive).await;
+            match heard {
                 Ok(Heard::Invalidation(notice)) => {
-                    cache.invalidate(&notice.hash);
                     if let Some(at) = notice.at {
-                        let lag_us = (Utc::now() - at).num_microseconds().unwrap_or(i64::MAX);
-                        lag.observe(lag_us);
-                        tracing::info!(
-                            key = ?notice.hash,
-                            revocation_lag_ms = lag_us as f64 / 1000.0,
-                            "cache entry invalidated"
-                        );
+                        heard_until = heard_until.max(Some(at));
+                    }
+                    if let Err(err) = apply(&l, notice.what, notice.at).await {
+                        tracing::warn!(error = %chain(&err), "cannot reload the key filter; reconnecting");
+                        break;
                     }
                 }
                 Ok(Heard::Unreadable(payload)) => {
                     tracing::warn!(payload, "ignoring an unreadable invalidation notice");
                 }
-                Ok(Heard::Idle) => {}
+                Ok(Heard::Idle(at)) => heard_until = heard_until.max(Some(at)),
                 Err(err) => {
-                    tracing::warn!(%err, "invalidation listener lost; reconnecting");
+                    // Whatever took this connection may have taken the
+                    // pooled ones too.
+                    l.store.suspect_connections();
+                    tracing::warn!(error = %chain(&err), "invalidation listener lost; reconnecting");
                     break;
                 }
             }
+            if l.filter.outgrown()
+                && let Err(err) = l.filter.load(&l.store).await
+            {
+                tracing::warn!(error = %chain(&err), "cannot reload the outgrown key filter");
+            }
         }
     }
+}
+
+/// Listens, then (after a gap) catches up and reloads the filter. Returns
+/// the listener and the database time it was listening from.
+async fn start_session(
+    l: &Listening,
+    heard_until: Option<DateTime<Utc>>,
+    sessions_so_far: u64,
+) -> Result<(Listener, DateTime<Utc>), StoreError> {
+    let mut listener = l.store.listen(&l.application_name).await?;
+    let listening_since = listener.now(l.store.keepalive()).await?;
+    if sessions_so_far > 0 {
+        catch_up(l, heard_until).await;
+    }
+    // Keys created while nobody listened are missing from the filter.
+    l.filter.load(&l.store).await?;
+    Ok((listener, listening_since))
+}
+
+/// Evicts what changed while the listener was away.
+async fn catch_up(l: &Listening, heard_until: Option<DateTime<Utc>>) {
+    let margin = chrono::Duration::from_std(l.catchup_margin).unwrap_or(chrono::Duration::MAX);
+    let Some(since) = heard_until.and_then(|t| t.checked_sub_signed(margin)) else {
+        l.cache.revalidate_all();
+        tracing::warn!("no record of what was heard; every cached key is re-read before use");
+        return;
+    };
+    match l.store.changed_since(since).await {
+        Ok(changed) => {
+            for hash in &changed.keys {
+                l.cache.invalidate(hash);
+            }
+            // Unknown hashes may have become keys meanwhile.
+            l.cache.forget_all_unknown();
+            tracing::info!(
+                changed_keys = changed.keys.len(),
+                since = %since,
+                "caught up on changes missed while not listening"
+            );
+        }
+        Err(err) => {
+            l.cache.revalidate_all();
+            tracing::warn!(
+                error = %chain(&err),
+                "cannot read what changed while not listening; every cached key is re-read before use"
+            );
+        }
+    }
+}
+
+async fn apply(l: &Listening, what: Notice, at: Option<DateTime<Utc>>) -> Result<(), StoreError> {
+    match what {
+        Notice::Changed(hash) => {
+            l.cache.invalidate(&hash);
+            if let Some(at) = at {
+                let lag_us = (Utc::now() - at).num_microseconds().unwrap_or(i64::MAX);
+                l.lag.observe(lag_us);
+                tracing::info!(
+                    key = ?hash,
+                    revocation_lag_ms = lag_us as f64 / 1000.0,
+                    "cache entry invalidated"
+                );
+            }
+        }
+        Notice::Inserted(hash) => {
+            l.filter.insert(&hash);
+            l.cache.forget_unknown(&hash);
+        }
+        Notice::Resync => {
+            l.filter.load(&l.store).await?;
+            l.cache.forget_all_unknown();
+        }
+    }
+    Ok(())
 }

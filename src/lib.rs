@@ -14,7 +14,11 @@
 //!   translated.
 //! - [`cache`] — moka caches of key records by hash, and their invalidation.
 //! - [`policy`] — the decision, a pure function of a key record and a request.
-//! - [`checker`] — the hot path tying parse, hash, cache, store and policy.
+//! - [`checker`] — the hot path tying throttle, parse, hash, cache, filter,
+//!   store and policy.
+//! - [`filter`] — the membership filter that refuses never-minted keys
+//!   without a lookup.
+//! - [`throttle`] — brute-force protection per client address.
 //! - [`invalidation`] — the `LISTEN` task that keeps every replica's cache
 //!   fresh.
 //! - [`usage`] — in-memory usage counts, flushed in batches.
@@ -29,6 +33,7 @@ pub mod api;
 pub mod cache;
 pub mod checker;
 pub mod config;
+pub mod filter;
 pub mod invalidation;
 pub mod key;
 pub mod net;
@@ -37,4 +42,5 @@ pub mod policy;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod throttle;
 pub mod usage;

@@ -2,7 +2,7 @@
 //! Both front doors (`CheckService.Check`, Envoy's `Authorization.Check`) and
 //! the admin plane's own authorization go through it.
 
-use std::{borrow::Cow, net::IpAddr};
+use std::{borrow::Cow, net::IpAddr, time::Duration};
 
 use chrono::{DateTime, Utc};
 
@@ -91,6 +91,8 @@ impl Reason {
 pub struct Decision {
     pub reason: Reason,
     pub message: Cow<'static, str>,
+    /// On refusals that end by themselves (429): when to try again.
+    pub retry_after: Option<Duration>,
 }
 
 impl Decision {
@@ -98,6 +100,7 @@ impl Decision {
         Self {
             reason,
             message: Cow::Borrowed(reason.default_message()),
+            retry_after: None,
         }
     }
 
@@ -105,7 +108,26 @@ impl Decision {
         Self {
             reason,
             message: Cow::Owned(message),
+            retry_after: None,
         }
+    }
+
+    /// The client's address failed too often: refused until `retry_after`.
+    pub fn source_blocked(retry_after: Duration) -> Self {
+        Self {
+            reason: Reason::RateLimited,
+            message: Cow::Borrowed("too many invalid API keys from this address; retry later"),
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// Whether this refusal counts against the client's address as a failed
+    /// presentation (brute-force protection).
+    pub fn is_failed_presentation(&self) -> bool {
+        matches!(
+            self.reason,
+            Reason::MalformedKey | Reason::UnknownKey | Reason::Revoked | Reason::Expired
+        )
     }
 
     pub fn allowed(&self) -> bool {

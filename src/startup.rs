@@ -14,15 +14,22 @@ use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::server::HealthReporter;
 
 use crate::{
-    api::{admin::AdminApi, check::CheckApi, envoy::EnvoyApi},
+    api::{
+        admin::AdminApi,
+        check::CheckApi,
+        envoy::{EnvoyApi, EnvoyOptions},
+        shed::InFlight,
+    },
     cache::KeyCache,
-    checker::Checker,
+    checker::{Checker, CheckerSettings},
     config::Config,
-    invalidation::{self, LagStats},
+    filter::KeyFilter,
+    invalidation::{self, LagStats, Listening},
     key::{ApiKey, KeyRecord, NewKey, OwnerId, Scope},
     net::Coalescing,
     pb::{self, check_service_server::CheckServiceServer, key_service_server::KeyServiceServer},
     store::{Actor, DbOptions, Store, StoreError},
+    throttle::ThrottleSettings,
     usage::{self, UsageRecorder},
 };
 
@@ -56,7 +63,17 @@ pub struct Application {
     replica: ReplicaHandle,
     background: Background,
     shutdown_grace: Duration,
-    envoy_dynamic_metadata: bool,
+    envoy: EnvoyOptions,
+    transport: Transport,
+}
+
+/// Limits on what clients may make the gRPC server hold.
+#[derive(Debug, Clone, Copy)]
+struct Transport {
+    max_concurrent_streams: u32,
+    check_max_message_size: usize,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
 }
 
 /// What a running replica exposes about itself (to tests, benchmarks and
@@ -65,6 +82,8 @@ pub struct Application {
 pub struct ReplicaHandle {
     instance: String,
     store: Store,
+    checker: Checker,
+    in_flight: InFlight,
     lag: Arc<LagStats>,
     listen_sessions: watch::Receiver<u64>,
 }
@@ -78,6 +97,16 @@ impl ReplicaHandle {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The hot path, with its counters, cache and filter.
+    pub fn checker(&self) -> &Checker {
+        &self.checker
+    }
+
+    /// Checks being served right now.
+    pub fn checks_in_flight(&self) -> usize {
+        self.in_flight.current()
     }
 
     /// How long invalidations took to arrive here.
@@ -138,19 +167,23 @@ impl Application {
         })?;
 
         let cache = KeyCache::new(&config.cache());
+        let filter = Arc::new(KeyFilter::default());
         let lag = Arc::new(LagStats::default());
-        let (listener_task, listen_sessions) = invalidation::spawn(
-            store.clone(),
-            cache.clone(),
-            format!("keyward-listener {instance}"),
-            lag.clone(),
-        );
+        let (listener_task, listen_sessions) = invalidation::spawn(Listening {
+            store: store.clone(),
+            cache: cache.clone(),
+            filter: filter.clone(),
+            application_name: format!("keyward-listener {instance}"),
+            lag: lag.clone(),
+            catchup_margin: config.catchup_margin,
+        });
         let recorder = Arc::new(UsageRecorder::default());
         let (stop, stop_rx) = watch::channel(false);
         let flusher = usage::spawn_flusher(
             store.clone(),
             recorder.clone(),
             config.usage_flush_interval,
+            config.usage_flush_timeout,
             stop_rx,
         );
         let background = Background {
@@ -158,13 +191,31 @@ impl Application {
             flusher: Some(flusher),
             listener: listener_task,
         };
+        let checker = Checker::new(
+            cache,
+            filter,
+            store.clone(),
+            recorder,
+            CheckerSettings {
+                unknown_lookups_per_second: config.unknown_key_lookups_per_second,
+                unknown_lookup_burst: config.unknown_key_lookup_burst,
+                throttle: ThrottleSettings {
+                    threshold: config.brute_force_threshold,
+                    window: config.brute_force_window,
+                    cooldown: config.brute_force_cooldown,
+                },
+            },
+        );
         let replica = ReplicaHandle {
             instance,
             store: store.clone(),
+            checker: checker.clone(),
+            in_flight: InFlight::new(config.max_in_flight),
             lag,
             listen_sessions,
         };
-        // Serve nothing until invalidations can reach this replica.
+        // Serve nothing until invalidations can reach this replica and its
+        // membership filter is loaded.
         if !replica
             .wait_for_listen_sessions(1, LISTEN_STARTUP_TIMEOUT)
             .await
@@ -172,7 +223,6 @@ impl Application {
             return Err(StartupError::Listen);
         }
 
-        let checker = Checker::new(cache, store.clone(), recorder);
         let admin = AdminApi::new(checker.clone(), store, config.key_prefix.clone());
         Ok(Self {
             listener,
@@ -182,7 +232,17 @@ impl Application {
             replica,
             background,
             shutdown_grace: config.shutdown_grace,
-            envoy_dynamic_metadata: config.envoy_dynamic_metadata,
+            envoy: EnvoyOptions {
+                dynamic_metadata: config.envoy_dynamic_metadata,
+                host_as_resource: config.envoy_host_as_resource,
+            },
+            transport: Transport {
+                max_concurrent_streams: config.max_concurrent_streams,
+                check_max_message_size: usize::try_from(config.check_max_message_size)
+                    .unwrap_or(usize::MAX),
+                keepalive_interval: config.http2_keepalive_interval,
+                keepalive_timeout: config.http2_keepalive_timeout,
+            },
         })
     }
 
@@ -214,10 +274,11 @@ impl Application {
             local_addr,
             checker,
             admin,
-            replica: _,
+            replica,
             mut background,
             shutdown_grace,
-            envoy_dynamic_metadata,
+            envoy,
+            transport,
         } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, tonic_health::ServingStatus::Serving).await;
@@ -241,16 +302,28 @@ impl Application {
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
             .map(|conn| conn.map(Coalescing));
+        let in_flight = replica.in_flight.clone();
+        let max_message = transport.check_max_message_size;
         let server = Server::builder()
+            .max_concurrent_streams(Some(transport.max_concurrent_streams))
+            .http2_keepalive_interval(Some(transport.keepalive_interval))
+            .http2_keepalive_timeout(Some(transport.keepalive_timeout))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(KeyServiceServer::new(admin))
-            .add_service(CheckServiceServer::new(CheckApi::new(checker.clone())))
-            .add_service(AuthorizationServer::new(EnvoyApi::new(
-                checker,
-                envoy_dynamic_metadata,
-            )))
+            .add_service(
+                in_flight.wrap(
+                    CheckServiceServer::new(CheckApi::new(checker.clone()))
+                        .max_decoding_message_size(max_message),
+                ),
+            )
+            .add_service(
+                in_flight.wrap(
+                    AuthorizationServer::new(EnvoyApi::new(checker, envoy))
+                        .max_decoding_message_size(max_message),
+                ),
+            )
             .serve_with_incoming_shutdown(incoming, signal);
 
         tracing::info!(addr = %local_addr, "keyward serving");

@@ -28,3 +28,16 @@ pub fn init(
     }
     Ok(())
 }
+
+/// `err: cause: cause`, for one log line: the whole chain, so that a store
+/// error logged here keeps its sqlx cause (and that one its I/O cause).
+pub fn chain(err: &dyn std::error::Error) -> String {
+    use std::fmt::Write as _;
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let _ = write!(out, ": {cause}");
+        source = cause.source();
+    }
+    out
+}

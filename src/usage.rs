@@ -91,11 +91,14 @@ impl UsageRecorder {
 }
 
 /// Merges rows that failed to be written into the next batch, so a short
-/// database outage loses no counts (up to `cap` keys).
-pub fn carry_over(failed: Vec<UsageWrite>, next: &mut Vec<UsageWrite>, cap: usize) {
+/// database outage loses no counts (up to `cap` keys). Returns the uses
+/// dropped because the cap was reached.
+pub fn carry_over(failed: Vec<UsageWrite>, next: &mut Vec<UsageWrite>, cap: usize) -> u64 {
     let mut by_key: HashMap<KeyId, UsageWrite> = next.drain(..).map(|w| (w.key_id, w)).collect();
+    let mut dropped = 0;
     for w in failed {
         if by_key.len() >= cap && !by_key.contains_key(&w.key_id) {
+            dropped += w.uses;
             continue;
         }
         by_key
@@ -107,13 +110,16 @@ pub fn carry_over(failed: Vec<UsageWrite>, next: &mut Vec<UsageWrite>, cap: usiz
             .or_insert(w);
     }
     next.extend(by_key.into_values());
+    dropped
 }
 
-/// Writes recorded usage every `interval`, and once more when `stop` fires.
+/// Writes recorded usage every `interval` (each write bounded by `timeout`),
+/// and once more when `stop` fires.
 pub fn spawn_flusher(
     store: crate::store::Store,
     recorder: Arc<UsageRecorder>,
     interval: std::time::Duration,
+    timeout: std::time::Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     /// Keys whose failed writes are kept for the next attempt.
@@ -128,10 +134,20 @@ pub fn spawn_flusher(
                 _ = stop.changed() => true,
             };
             let mut batch = recorder.drain();
-            carry_over(std::mem::take(&mut pending), &mut batch, CARRY_CAP);
+            let dropped = carry_over(std::mem::take(&mut pending), &mut batch, CARRY_CAP);
+            if dropped > 0 {
+                tracing::warn!(
+                    dropped_uses = dropped,
+                    keys_kept = CARRY_CAP,
+                    "usage not yet written dropped: too many keys waiting for the database"
+                );
+            }
             // An empty batch costs nothing: record_usage returns at once.
-            if let Err(err) = store.record_usage(&batch).await {
-                tracing::warn!(%err, keys = batch.len(), "cannot write key usage; will retry");
+            let written = tokio::time::timeout(timeout, store.record_usage(&batch))
+                .await
+                .unwrap_or(Err(crate::store::StoreError::Timeout(timeout)));
+            if let Err(err) = written {
+                tracing::warn!(error = %crate::telemetry::chain(&err), keys = batch.len(), "cannot write key usage; will retry");
                 pending = batch;
             }
             if stopping {
@@ -210,8 +226,12 @@ mod tests {
             uses,
         };
         let mut next = vec![w(id, 2)];
-        carry_over(vec![w(id, 3), w(KeyId::new_v7(), 1)], &mut next, 1);
+        let dropped = carry_over(vec![w(id, 3), w(KeyId::new_v7(), 4)], &mut next, 1);
         assert_eq!(next.len(), 1);
         assert_eq!(next[0].uses, 5);
+        assert_eq!(
+            dropped, 4,
+            "the uses of the key beyond the cap are reported"
+        );
     }
 }

@@ -43,12 +43,17 @@ pub fn grpc_frame(msg: &impl prost::Message) -> Bytes {
 /// What Envoy sends for `GET /billing/invoices` with `x-api-key`, with the
 /// example config's `allowed_headers` and route policy.
 pub fn envoy_check(key: &str) -> EnvoyCheck {
+    envoy_check_from(key, "127.0.0.1")
+}
+
+/// [`envoy_check`] from the downstream client `source_ip`.
+pub fn envoy_check_from(key: &str, source_ip: &str) -> EnvoyCheck {
     EnvoyCheck {
         attributes: Some(AttributeContext {
             source: Some(Peer {
                 address: Some(Address {
                     address: Some(address::Address::SocketAddress(SocketAddress {
-                        address: "127.0.0.1".into(),
+                        address: source_ip.into(),
                         port_specifier: Some(
                             envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(
                                 40000,
@@ -96,6 +101,24 @@ pub fn frame(door: Door, key: &str) -> Bytes {
         Door::Envoy => grpc_frame(&envoy_check(key)),
         Door::Keyward => grpc_frame(&keyward_check(key)),
     }
+}
+
+/// Frames written back to back (each already length-prefixed), and read.
+pub fn write_frames(path: &std::path::Path, frames: &[Bytes]) {
+    let all: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+    std::fs::write(path, all).expect("write frames");
+}
+
+pub fn read_frames(path: &std::path::Path) -> Vec<Bytes> {
+    let all = Bytes::from(std::fs::read(path).expect("read frames"));
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 5 <= all.len() {
+        let len = u32::from_be_bytes([all[at + 1], all[at + 2], all[at + 3], all[at + 4]]) as usize;
+        frames.push(all.slice(at..at + 5 + len));
+        at += 5 + len;
+    }
+    frames
 }
 
 /// A key with its last character changed: wrong checksum.

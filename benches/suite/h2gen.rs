@@ -54,6 +54,29 @@ pub async fn run(
     warmup: Duration,
     duration: Duration,
 ) -> H2genRun {
+    run_paced(
+        addr, door, frames, once, conns, streams, warmup, duration, None,
+    )
+    .await
+}
+
+/// [`run`], optionally offering a fixed rate (calls per second) instead of
+/// as many as the server answers: call `i` is sent at `start + i / rate`
+/// by whichever of the `conns * streams` workers is free, so the load stays
+/// open as long as fewer calls than workers are waiting for answers.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_paced(
+    addr: SocketAddr,
+    door: Door,
+    frames: Arc<Vec<Bytes>>,
+    once: bool,
+    conns: usize,
+    streams: usize,
+    warmup: Duration,
+    duration: Duration,
+    rate: Option<f64>,
+) -> H2genRun {
+    let started = tokio::time::Instant::now();
     let uri: Uri = format!("http://{addr}{}", door.path())
         .parse()
         .expect("uri");
@@ -79,6 +102,12 @@ pub async fn run(
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if once && i >= frames.len() {
                         break;
+                    }
+                    if let Some(rate) = rate {
+                        tokio::time::sleep_until(
+                            started + Duration::from_secs_f64(i as f64 / rate),
+                        )
+                        .await;
                     }
                     let frame = frames[i % frames.len()].clone();
                     match call(client.clone(), &uri, frame)

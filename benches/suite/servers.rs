@@ -53,7 +53,9 @@ impl Server {
         Self::keyward_on(bin, SERVER_CORE, name, database_url, extra).await
     }
 
-    /// keyward on the given cores (taskset list).
+    /// keyward on the given cores (taskset list). Brute-force protection is
+    /// off unless `extra` turns it on: the load generators present thousands
+    /// of bad keys from one address on purpose.
     pub async fn keyward_on(
         bin: &Path,
         cores: &str,
@@ -69,7 +71,7 @@ impl Server {
                 "--database-url",
                 database_url,
             ])
-            .args(["--log-filter", "warn"])
+            .args(["--log-filter", "warn", "--brute-force-threshold", "0"])
             .args(extra)
             .spawn()
             .expect("start keyward");

@@ -74,7 +74,7 @@ impl AdminApi {
             required_scopes: &[],
             client_ip: remote,
         };
-        let outcome = self.checker.check(credential, &request).await?;
+        let outcome = self.checker.check(credential, &request, remote).await?;
         let reason = outcome.decision.reason;
         let key = match (reason, outcome.key()) {
             (Reason::Ok, Some(key)) => key,
@@ -86,6 +86,7 @@ impl AdminApi {
                 ));
                 return Err(match reason_code(reason) {
                     tonic::Code::Unauthenticated => ApiError::Unauthenticated(msg),
+                    tonic::Code::ResourceExhausted => ApiError::RateLimited(msg),
                     _ => ApiError::PermissionDenied(msg),
                 });
             }
@@ -169,7 +170,7 @@ impl pb::key_service_server::KeyService for AdminApi {
             }
         }
         let (secret, new_key) = spec.into_new_key();
-        let ticket = self.checker.cache().ticket();
+        let ticket = self.checker.ticket(&new_key.hash);
         let record = self
             .store
             .insert_key(&new_key, &caller.actor())
@@ -177,10 +178,9 @@ impl pb::key_service_server::KeyService for AdminApi {
             .map_err(ApiError::from)?;
         tracing::info!(key_id = %record.id, owner_id = %record.owner_id, start = %record.start, "key minted");
         let key = api_key(&record, now);
-        // Warm the cache: the first check of a new key should not miss.
+        // The first check of a new key here should not miss.
         self.checker
-            .cache()
-            .fill(ticket, record.hash, Some(Grant::from(&record)));
+            .remember_new_key(ticket, record.hash, Grant::from(&record));
         Ok(Response::new(pb::MintResponse {
             key: Some(key),
             secret: secret.expose_secret().to_owned(),
@@ -204,7 +204,7 @@ impl pb::key_service_server::KeyService for AdminApi {
             )
             .await
             .map_err(not_found)?;
-        self.checker.cache().invalidate(&record.hash);
+        self.checker.invalidate(&record.hash);
         tracing::info!(key_id = %record.id, owner_id = %record.owner_id, "key revoked");
         Ok(Response::new(pb::RevokeResponse {
             key: Some(api_key(&record, Utc::now())),
@@ -319,7 +319,7 @@ impl AdminApi {
             .set_key_disabled(id, disabled, caller.confined_to(), &caller.actor())
             .await
             .map_err(not_found)?;
-        self.checker.cache().invalidate(&record.hash);
+        self.checker.invalidate(&record.hash);
         tracing::info!(key_id = %record.id, disabled, "key state changed");
         Ok(Response::new(api_key(&record, Utc::now())))
     }

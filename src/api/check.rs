@@ -6,8 +6,8 @@ use std::net::IpAddr;
 use tonic::{Request, Response, Status};
 
 use super::{
-    reason_pb,
-    status::{ApiError, store_status},
+    duration, reason_pb,
+    status::{ApiError, undecided_status},
 };
 use crate::{checker::Checker, key::Invalid, pb, policy};
 
@@ -28,6 +28,7 @@ impl pb::check_service_server::CheckService for CheckApi {
         &self,
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
         let req = request.into_inner();
         let client_ip = match req.client_ip.as_str() {
             "" => None,
@@ -43,9 +44,9 @@ impl pb::check_service_server::CheckService for CheckApi {
         };
         let outcome = self
             .checker
-            .check(Some(&req.key), &policy_req)
+            .check(Some(&req.key), &policy_req, client_ip.or(peer))
             .await
-            .map_err(|err| store_status(&err))?;
+            .map_err(undecided_status)?;
 
         let decision = &outcome.decision;
         let mut resp = pb::CheckResponse {
@@ -53,6 +54,7 @@ impl pb::check_service_server::CheckService for CheckApi {
             reason: reason_pb(decision.reason).into(),
             http_status: decision.reason.http_status().into(),
             message: decision.message.to_string(),
+            retry_after: decision.retry_after.map(duration),
             ..Default::default()
         };
         if let Some(key) = outcome.key() {

@@ -5,12 +5,18 @@
 //! - Credential: `authorization: Bearer <key>` or `x-api-key: <key>`, from
 //!   `headers` or, with Envoy's `encode_raw_headers`, from `header_map`. Both
 //!   present with different keys: MALFORMED_KEY.
-//! - Policy: `context_extensions` `resource` and `scopes` (comma-separated);
-//!   without `resource` the request's host (port stripped) is the resource.
-//! - Client address: the downstream peer Envoy reports as the source.
+//! - Policy: `context_extensions` `resource` and `scopes` (comma-separated).
+//!   A route without `resource` names none (keys limited to resources are
+//!   refused there), unless `--envoy-host-as-resource` makes the request's
+//!   host (port stripped) the resource: the client picks that header, so it
+//!   is opt-in.
+//! - Client address: the downstream peer Envoy reports as the source; it is
+//!   matched against `ip_allow` and counts failed keys for brute-force
+//!   protection.
 //! - Deny: Envoy answers the client itself with the decision's HTTP status
-//!   and a JSON body; allow: the credential headers are stripped and identity
-//!   headers added before the request goes upstream.
+//!   and a JSON body (429s with `Retry-After`); allow: the credential headers
+//!   are stripped and every `x-keyward-*` header is set (overwriting what a
+//!   client sent) before the request goes upstream.
 
 use std::{borrow::Cow, collections::HashMap, net::IpAddr};
 
@@ -32,7 +38,10 @@ use envoy_types::{
 };
 use tonic::{Request, Response, Status};
 
-use super::status::{reason_code, store_status};
+use super::{
+    retry_after_secs,
+    status::{reason_code, undecided_status},
+};
 use crate::{
     checker::{Checker, Outcome},
     policy::{self, Reason},
@@ -52,17 +61,21 @@ const CREDENTIAL_HEADERS: [&str; 2] = ["authorization", "x-api-key"];
 #[derive(Debug, Clone)]
 pub struct EnvoyApi {
     checker: Checker,
-    dynamic_metadata: bool,
+    options: EnvoyOptions,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct EnvoyOptions {
+    /// Whether answers carry keyward's facts as Envoy dynamic metadata (Envoy
+    /// pays to apply it on every request).
+    pub dynamic_metadata: bool,
+    /// Whether a route without a `resource` takes the Host header instead.
+    pub host_as_resource: bool,
 }
 
 impl EnvoyApi {
-    /// `dynamic_metadata`: whether answers carry keyward's facts as Envoy
-    /// dynamic metadata (Envoy pays to apply it on every request).
-    pub fn new(checker: Checker, dynamic_metadata: bool) -> Self {
-        Self {
-            checker,
-            dynamic_metadata,
-        }
+    pub fn new(checker: Checker, options: EnvoyOptions) -> Self {
+        Self { checker, options }
     }
 }
 
@@ -90,20 +103,27 @@ impl Authorization for EnvoyApi {
                     .and_then(|c| c.get("resource"))
                     .map(String::as_str)
                     .filter(|r| !r.is_empty())
-                    .or_else(|| http.map(|h| strip_port(&h.host)))
+                    .or_else(|| {
+                        http.filter(|_| self.options.host_as_resource)
+                            .map(|h| strip_port(&h.host))
+                    })
                     .filter(|r| !r.is_empty());
+                let client = attrs.and_then(client_ip);
                 let policy_req = policy::Request {
                     resource,
                     required_scopes: &scopes,
-                    client_ip: attrs.and_then(client_ip),
+                    client_ip: client,
                 };
                 self.checker
-                    .check(credential.as_deref(), &policy_req)
+                    .check(credential.as_deref(), &policy_req, client)
                     .await
-                    .map_err(|err| store_status(&err))?
+                    .map_err(undecided_status)?
             }
         };
-        Ok(Response::new(respond(&outcome, self.dynamic_metadata)))
+        Ok(Response::new(respond(
+            &outcome,
+            self.options.dynamic_metadata,
+        )))
     }
 }
 
@@ -209,16 +229,19 @@ fn respond(outcome: &Outcome, with_metadata: bool) -> CheckResponse {
                 .join(",")
         });
         let mut ok = OkHttpResponseBuilder::new();
-        // Overwrite, never append: a client cannot smuggle its own identity
-        // headers upstream. Kept when empty for the same reason.
+        // Overwrite, never append, every header keyward owns: a client cannot
+        // smuggle its own identity upstream. Kept when empty for the same
+        // reason. (The example Envoy config also strips client-sent
+        // x-keyward-* headers on every route, before any filter runs.)
         for (name, value) in [
-            (HEADER_KEY_ID, &key_id),
-            (HEADER_OWNER_ID, &owner_id),
-            (HEADER_SCOPES, &scopes),
+            (HEADER_KEY_ID, key_id.as_deref()),
+            (HEADER_OWNER_ID, owner_id.as_deref()),
+            (HEADER_SCOPES, scopes.as_deref()),
+            (HEADER_REASON, Some(reason.as_str())),
         ] {
             ok.add_header(
                 name,
-                value.clone().unwrap_or_default(),
+                value.unwrap_or_default(),
                 Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
                 true,
             );
@@ -235,6 +258,14 @@ fn respond(outcome: &Outcome, with_metadata: bool) -> CheckResponse {
         let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
         denied.add_header("content-type", "application/json", overwrite, false);
         denied.add_header(HEADER_REASON, reason.as_str(), overwrite, false);
+        if let Some(retry_after) = outcome.decision.retry_after {
+            denied.add_header(
+                "retry-after",
+                retry_after_secs(retry_after).to_string(),
+                overwrite,
+                false,
+            );
+        }
         if status == 401 {
             // RFC 6750: a presented but unusable token is "invalid_token".
             let challenge = if reason == Reason::MissingKey {

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod check;
 pub mod envoy;
+pub mod shed;
 pub mod status;
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -21,6 +22,20 @@ pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
         // Always below 2e9, so it fits.
         nanos: at.timestamp_subsec_nanos() as i32,
     }
+}
+
+/// A duration on the wire, rounded up to whole seconds for anything a client
+/// should wait (HTTP's Retry-After has no fractions).
+pub(crate) fn duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(retry_after_secs(d)).unwrap_or(i64::MAX),
+        nanos: 0,
+    }
+}
+
+/// Whole seconds to wait, rounded up, at least 1.
+pub(crate) fn retry_after_secs(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.is_zero()))
 }
 
 /// `None` when the timestamp is outside what chrono can represent.
@@ -113,6 +128,15 @@ mod tests {
             nanos: -1,
         };
         assert_eq!(datetime(&negative_nanos), None);
+    }
+
+    #[test]
+    fn waits_round_up_to_whole_seconds() {
+        use std::time::Duration;
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(30)), 30);
+        assert_eq!(retry_after_secs(Duration::from_millis(30_001)), 31);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
     }
 
     #[test]

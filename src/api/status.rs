@@ -2,11 +2,13 @@
 //! stable message; for internal errors the cause chain goes to the log, once,
 //! and the client gets an opaque message.
 
-use std::{borrow::Cow, fmt::Write as _};
+use std::borrow::Cow;
 
 use tonic::{Code, Status};
 
-use crate::{key::Invalid, policy::Reason, store::StoreError};
+use crate::{
+    checker::Undecided, key::Invalid, policy::Reason, store::StoreError, telemetry::chain,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -25,8 +27,13 @@ pub enum ApiError {
     Unauthenticated(Cow<'static, str>),
     #[error("{0}")]
     PermissionDenied(Cow<'static, str>),
+    /// Refused for now: the caller's address tried too many bad keys.
+    #[error("{0}")]
+    RateLimited(Cow<'static, str>),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Undecided(#[from] Undecided),
 }
 
 impl ApiError {
@@ -45,7 +52,9 @@ impl From<ApiError> for Status {
             ApiError::NotFound { .. } => Status::not_found(err.to_string()),
             ApiError::Unauthenticated(msg) => Status::unauthenticated(msg),
             ApiError::PermissionDenied(msg) => Status::permission_denied(msg),
+            ApiError::RateLimited(msg) => Status::resource_exhausted(msg),
             ApiError::Store(err) => store_status(&err),
+            ApiError::Undecided(err) => undecided_status(err),
         }
     }
 }
@@ -54,7 +63,7 @@ impl From<ApiError> for Status {
 /// `INTERNAL` otherwise. `NotFound` is mapped by callers, who know the field.
 pub fn store_status(err: &StoreError) -> Status {
     match err {
-        StoreError::Unavailable(_) => {
+        _ if err.is_retryable() => {
             tracing::warn!(error = %chain(err), "store unavailable");
             Status::unavailable("key store unavailable; retry later")
         }
@@ -62,6 +71,14 @@ pub fn store_status(err: &StoreError) -> Status {
             tracing::error!(error = %chain(err), "internal error");
             Status::internal("internal error")
         }
+    }
+}
+
+/// A check that could not be decided (already logged where it happened).
+pub fn undecided_status(err: Undecided) -> Status {
+    match err {
+        Undecided::Unavailable => Status::unavailable("key store unavailable; retry later"),
+        Undecided::Internal => Status::internal("internal error"),
     }
 }
 
@@ -74,17 +91,6 @@ pub fn reason_code(reason: Reason) -> Code {
         429 => Code::ResourceExhausted,
         _ => Code::PermissionDenied,
     }
-}
-
-/// `err: cause: cause`, for one log line.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let _ = write!(out, ": {cause}");
-        source = cause.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -86,6 +86,25 @@ impl Grant {
         self.scopes.iter().any(|s| s.as_str() == scope)
     }
 
+    /// Heap bytes this grant holds beyond its own size (for cache weights).
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let strings = |n: usize, len: usize| n * size_of::<String>() + len;
+        strings(self.scopes.len(), self.scopes.iter().map(|s| s.as_str().len()).sum())
+            + strings(
+                self.resources.len(),
+                self.resources.iter().map(|r| r.as_str().len()).sum(),
+            )
+            + self.ip_allow.len() * size_of::<Network>()
+            + self.owner_id.as_str().len()
+            // Two strings per entry plus the B-tree's share of a node.
+            + self
+                .metadata
+                .iter()
+                .map(|(k, v)| 2 * size_of::<String>() + k.len() + v.len() + 16)
+                .sum::<usize>()
+    }
+
     /// A live grant for tests: a fresh id, the given owner and scopes, no
     /// limits, no expiry.
     #[cfg(test)]

@@ -12,12 +12,24 @@ pub enum StoreError {
     /// may succeed. Checks turn this into `UNAVAILABLE`.
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
+    /// The database did not answer within the call's deadline (hung,
+    /// partitioned, or overloaded). Retrying later may succeed.
+    #[error("database did not answer within {0:?}")]
+    Timeout(std::time::Duration),
     #[error("database error")]
     Internal(#[source] sqlx::Error),
     #[error("stored row is invalid: {0}")]
     Corrupt(String),
     #[error("migration failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// Whether the database could not be reached or did not answer, so that
+    /// retrying later may succeed (as opposed to a bad statement or row).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Timeout(_))
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -85,6 +97,13 @@ mod tests {
             StoreError::from(sqlx::Error::RowNotFound),
             StoreError::NotFound
         ));
+    }
+
+    #[test]
+    fn timeouts_and_unavailability_are_retryable() {
+        assert!(StoreError::Timeout(std::time::Duration::from_secs(1)).is_retryable());
+        assert!(StoreError::from(sqlx::Error::PoolTimedOut).is_retryable());
+        assert!(!StoreError::NotFound.is_retryable());
     }
 
     #[test]

@@ -53,6 +53,12 @@ impl Actor {
     }
 }
 
+/// What changed while a replica was not listening.
+#[derive(Debug, Clone, Default)]
+pub struct Changed {
+    pub keys: Vec<KeyHash>,
+}
+
 /// One page of `List`.
 #[derive(Debug, Clone)]
 pub struct ListQuery {
@@ -177,7 +183,7 @@ impl Store {
             "resources": resources,
             "expires_at": new.expires_at.map(|at| at.to_rfc3339()),
         });
-        let row: KeyRow = sqlx::query_as(concat!(
+        let row = sqlx::query_as(concat!(
             "WITH owner AS ( \
                  INSERT INTO owners (id) VALUES ($5) ON CONFLICT (id) DO NOTHING \
              ), k AS ( \
@@ -212,24 +218,87 @@ impl Store {
         .bind(new.expires_at)
         .bind(&actor.label)
         .bind(actor.key_id.map(|id| id.as_uuid()))
-        .bind(Json(details))
-        .fetch_one(&self.pool)
-        .await?;
+        .bind(Json(details));
+        let row: KeyRow = self
+            .bounded(async { Ok(row.fetch_one(&self.pool).await?) })
+            .await?;
         row.try_into()
     }
 
     /// The hot path's one query on a cache miss: only what a check needs.
+    /// On the check pool, within the lookup deadline.
     pub async fn find_grant(&self, hash: &KeyHash) -> Result<Option<Grant>, StoreError> {
         self.stats.key_lookups.fetch_add(1, Ordering::Relaxed);
-        let row: Option<GrantRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            grant_columns!(),
-            " FROM keys WHERE hash = $1"
-        ))
-        .bind(hash.as_bytes().as_slice())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(Grant::try_from).transpose()
+        let lookup = async {
+            let row: Option<GrantRow> = sqlx::query_as(concat!(
+                "SELECT ",
+                grant_columns!(),
+                " FROM keys WHERE hash = $1"
+            ))
+            .bind(hash.as_bytes().as_slice())
+            .fetch_optional(&self.checks)
+            .await?;
+            row.map(Grant::try_from).transpose()
+        };
+        super::within(self.lookup_timeout, lookup).await
+    }
+
+    /// The first 8 bytes of every stored key's hash, streamed (for the
+    /// membership filter), and how many rows the planner expects.
+    pub async fn key_hash_prefixes(&self, mut each: impl FnMut(u64)) -> Result<u64, StoreError> {
+        use tokio_stream::StreamExt as _;
+        let mut conn = self.pool.acquire().await?;
+        let mut rows =
+            sqlx::query_scalar::<_, Vec<u8>>("SELECT substring(hash FROM 1 FOR 8) FROM keys")
+                .fetch(&mut *conn);
+        let mut n = 0;
+        while let Some(prefix) = rows.next().await {
+            let prefix = prefix?;
+            let bytes: [u8; 8] = prefix
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("key hash shorter than 8 bytes".into()))?;
+            each(u64::from_le_bytes(bytes));
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The planner's estimate of the number of keys (cheap: no scan);
+    /// 0 when the table was never analysed.
+    pub async fn estimated_key_count(&self) -> Result<u64, StoreError> {
+        self.bounded(async {
+            let n: f32 = sqlx::query_scalar(
+                "SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = 'keys'::regclass",
+            )
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    /// Keys changed or deleted at or after `since` (database clock), for a
+    /// replica catching up after its listener was away. Keys merely created
+    /// since (`changed_at` is their creation time) are left out: an entry
+    /// filled from the new row cannot be stale, and unknown hashes are
+    /// forgotten wholesale by the caller.
+    pub async fn changed_since(&self, since: DateTime<Utc>) -> Result<Changed, StoreError> {
+        self.bounded(async {
+            let hashes: Vec<Vec<u8>> = sqlx::query_scalar(
+                "SELECT hash FROM keys WHERE changed_at >= $1 AND changed_at > created_at \
+                 UNION ALL SELECT hash FROM key_tombstones WHERE deleted_at >= $1",
+            )
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
+            let keys = hashes
+                .iter()
+                .map(|h| KeyHash::from_slice(h).ok_or_else(|| corrupt("?", "hash length")))
+                .collect::<Result<_, _>>()?;
+            Ok(Changed { keys })
+        })
+        .await
     }
 
     /// A key by id; with `owner`, only if it belongs to that owner.
@@ -238,15 +307,16 @@ impl Store {
         id: KeyId,
         owner: Option<&OwnerId>,
     ) -> Result<KeyRecord, StoreError> {
-        let row: KeyRow = sqlx::query_as(concat!(
+        let query = sqlx::query_as(concat!(
             "SELECT ",
             key_columns!(),
             " FROM keys WHERE id = $1 AND ($2::text IS NULL OR owner_id = $2)"
         ))
         .bind(id.as_uuid())
-        .bind(owner.map(OwnerId::as_str))
-        .fetch_one(&self.pool)
-        .await?;
+        .bind(owner.map(OwnerId::as_str));
+        let row: KeyRow = self
+            .bounded(async { Ok(query.fetch_one(&self.pool).await?) })
+            .await?;
         row.try_into()
     }
 
@@ -315,15 +385,18 @@ impl Store {
         update: QueryAs<'q, Postgres, KeyRow, PgArguments>,
         (actor, action, details): (&Actor, &str, serde_json::Value),
     ) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let current = lock_key(&mut tx, id, owner).await?;
-        if unchanged(&current) {
-            return Ok(current);
-        }
-        let record = KeyRecord::try_from(update.fetch_one(&mut *tx).await?)?;
-        audit(&mut tx, actor, action, &record, details).await?;
-        tx.commit().await?;
-        Ok(record)
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let current = lock_key(&mut tx, id, owner).await?;
+            if unchanged(&current) {
+                return Ok(current);
+            }
+            let record = KeyRecord::try_from(update.fetch_one(&mut *tx).await?)?;
+            audit(&mut tx, actor, action, &record, details).await?;
+            tx.commit().await?;
+            Ok(record)
+        })
+        .await
     }
 
     /// One page of keys in id (creation) order, after the cursor.
@@ -337,37 +410,41 @@ impl Store {
         // One extra row tells whether another page follows.
         let limit = i64::from(q.limit) + 1;
         let after = q.after.map_or(Uuid::nil(), |id| id.as_uuid());
-        let rows: Vec<KeyRow> = match &q.owner {
-            Some(owner) => {
-                sqlx::query_as(concat!(
-                    "SELECT ",
-                    key_columns!(),
-                    " FROM keys \
+        let rows: Vec<KeyRow> = self
+            .bounded(async {
+                Ok(match &q.owner {
+                    Some(owner) => {
+                        sqlx::query_as(concat!(
+                            "SELECT ",
+                            key_columns!(),
+                            " FROM keys \
                       WHERE owner_id = $1 AND id > $2 AND ($3 OR revoked_at IS NULL) \
                       ORDER BY owner_id, id LIMIT $4"
-                ))
-                .bind(owner.as_str())
-                .bind(after)
-                .bind(q.include_revoked)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query_as(concat!(
-                    "SELECT ",
-                    key_columns!(),
-                    " FROM keys \
+                        ))
+                        .bind(owner.as_str())
+                        .bind(after)
+                        .bind(q.include_revoked)
+                        .bind(limit)
+                        .fetch_all(&self.pool)
+                        .await?
+                    }
+                    None => {
+                        sqlx::query_as(concat!(
+                            "SELECT ",
+                            key_columns!(),
+                            " FROM keys \
                       WHERE id > $1 AND ($2 OR revoked_at IS NULL) \
                       ORDER BY id LIMIT $3"
-                ))
-                .bind(after)
-                .bind(q.include_revoked)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-            }
-        };
+                        ))
+                        .bind(after)
+                        .bind(q.include_revoked)
+                        .bind(limit)
+                        .fetch_all(&self.pool)
+                        .await?
+                    }
+                })
+            })
+            .await?;
         let mut keys = rows
             .into_iter()
             .map(KeyRecord::try_from)

@@ -15,12 +15,23 @@ use crate::key::KeyHash;
 
 pub const CHANNEL: &str = "keyward_invalidate";
 
-/// One notice: this key changed (or went away) at `at`, the database clock
-/// just before the change committed.
+/// One notice, stamped with the database clock just before its change
+/// committed (`at`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalidation {
-    pub hash: KeyHash,
+    pub what: Notice,
     pub at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// This key changed or went away: evict it.
+    Changed(KeyHash),
+    /// This key was just created: add it to the membership filter, forget
+    /// that it was unknown.
+    Inserted(KeyHash),
+    /// Many keys were created at once: reload the membership filter.
+    Resync,
 }
 
 /// What a listener heard.
@@ -29,8 +40,9 @@ pub enum Heard {
     Invalidation(Invalidation),
     /// A notice on our channel that is not ours to read (logged, skipped).
     Unreadable(String),
-    /// Nothing for the idle interval, and the connection answered a probe.
-    Idle,
+    /// Nothing for the idle interval, and the connection answered a probe
+    /// at this database time: every notice committed before it has arrived.
+    Idle(DateTime<Utc>),
 }
 
 /// A live `LISTEN` connection. Dropping it closes the connection.
@@ -56,16 +68,33 @@ impl Store {
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_lazy_with(self.connect.clone().application_name(application_name));
-        let mut inner = PgListener::connect_with(&pool).await?;
-        // Reconnection is the caller's business: it must drop its cache after
-        // a gap, so a lost connection must surface rather than heal silently.
-        inner.eager_reconnect(false);
-        inner.listen(CHANNEL).await?;
+        let inner = self
+            .bounded(async {
+                let mut inner = PgListener::connect_with(&pool).await?;
+                // Reconnection is the caller's business: it must catch up
+                // after a gap, so a lost connection must surface rather than
+                // heal silently.
+                inner.eager_reconnect(false);
+                inner.listen(CHANNEL).await?;
+                Ok(inner)
+            })
+            .await?;
         Ok(Listener { inner, _pool: pool })
     }
 }
 
 impl Listener {
+    /// The database clock, read on the listening connection: every notice
+    /// committed before it will be delivered to this listener.
+    pub async fn now(&mut self, within: Duration) -> Result<DateTime<Utc>, StoreError> {
+        let probe = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&mut self.inner);
+        match tokio::time::timeout(within, probe).await {
+            Ok(Ok(at)) => Ok(at),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(StoreError::Timeout(within)),
+        }
+    }
+
     /// Waits for the next notice. After `idle` without one, probes the
     /// connection (so a silently dead one is noticed) and returns `Idle`.
     /// Any error, or a closed connection, means notices may have been lost:
@@ -80,21 +109,30 @@ impl Listener {
                 "listener connection lost".to_owned(),
             ))),
             Ok(Err(e)) => Err(e.into()),
-            Err(_elapsed) => {
-                let probe = sqlx::query("SELECT 1").execute(&mut self.inner);
-                match tokio::time::timeout(idle, probe).await {
-                    Ok(Ok(_)) => Ok(Heard::Idle),
-                    Ok(Err(e)) => Err(e.into()),
-                    Err(_) => Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
-                }
-            }
+            Err(_elapsed) => self.now(idle).await.map(Heard::Idle),
         }
     }
 }
 
+/// Payloads of the triggers in migrations/: `{"hash": "<hex>", "at_us": n}`
+/// (a change), with `"op": "insert"` (a new key), or `{"op": "resync"}`.
 fn parse(payload: &str) -> Option<Invalidation> {
     let v: serde_json::Value = serde_json::from_str(payload).ok()?;
-    let hex = v.get("hash")?.as_str()?;
+    let at = v
+        .get("at_us")
+        .and_then(serde_json::Value::as_i64)
+        .and_then(DateTime::from_timestamp_micros);
+    let hash = || v.get("hash")?.as_str().and_then(parse_hash);
+    let what = match v.get("op").map(|op| op.as_str()) {
+        None => Notice::Changed(hash()?),
+        Some(Some("insert")) => Notice::Inserted(hash()?),
+        Some(Some("resync")) => Notice::Resync,
+        Some(_) => return None,
+    };
+    Some(Invalidation { what, at })
+}
+
+fn parse_hash(hex: &str) -> Option<KeyHash> {
     if hex.len() != 64 {
         return None;
     }
@@ -102,14 +140,7 @@ fn parse(payload: &str) -> Option<Invalidation> {
         .step_by(2)
         .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
         .collect::<Option<_>>()?;
-    let at = v
-        .get("at_us")
-        .and_then(serde_json::Value::as_i64)
-        .and_then(DateTime::from_timestamp_micros);
-    Some(Invalidation {
-        hash: KeyHash::from_slice(&bytes)?,
-        at,
-    })
+    KeyHash::from_slice(&bytes)
 }
 
 #[cfg(test)]
@@ -123,13 +154,23 @@ mod tests {
             r#"{{"hash": "{hex}", "at_us": 1795000000000000}}"#
         ))
         .unwrap();
-        assert_eq!(n.hash.as_bytes(), &[0xab; 32]);
+        let changed = KeyHash::from_slice(&[0xab; 32]).unwrap();
+        assert_eq!(n.what, Notice::Changed(changed));
         assert_eq!(n.at.unwrap().timestamp(), 1_795_000_000);
+        let n = parse(&format!(
+            r#"{{"op": "insert", "hash": "{hex}", "at_us": 1}}"#
+        ))
+        .unwrap();
+        assert_eq!(n.what, Notice::Inserted(changed));
+        let n = parse(r#"{"op": "resync", "at_us": 1}"#).unwrap();
+        assert_eq!(n.what, Notice::Resync);
     }
 
     #[test]
     fn foreign_payloads_are_refused() {
         assert_eq!(parse("hello"), None);
+        assert_eq!(parse(r#"{"op": "explode"}"#), None);
+        assert_eq!(parse(r#"{"op": "insert"}"#), None);
         assert_eq!(parse(r#"{"hash": "abcd"}"#), None);
         assert_eq!(
             parse(&format!(r#"{{"hash": "{}"}}"#, "zz".repeat(32))),

@@ -14,9 +14,9 @@ use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::{Request, Response, body::Bytes, header::HeaderMap, service::service_fn};
 use hyper_util::rt::TokioIo;
 use keyward::pb;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
-use crate::helpers::{TestApp, never_minted, spawn_app};
+use crate::helpers::{TestApp, never_minted, spawn_app, spawn_app_with, spawn_replica};
 
 // Shared with benches/suite, which uses parts this file does not.
 #[allow(dead_code)]
@@ -141,7 +141,23 @@ impl Answer {
 }
 
 async fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
-    let stream = TcpStream::connect(("127.0.0.1", port))
+    http_get_from("127.0.0.1", port, path, headers).await
+}
+
+/// A request from a chosen loopback address (`curl --interface`): Envoy
+/// reports it to keyward as the downstream client.
+async fn http_get_from(
+    from: &str,
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Answer, String> {
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    socket
+        .bind(format!("{from}:0").parse().map_err(|e| format!("{e}"))?)
+        .map_err(|e| e.to_string())?;
+    let stream = socket
+        .connect(([127, 0, 0, 1], port).into())
         .await
         .map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -393,7 +409,7 @@ async fn envoy_fails_closed_when_keyward_cannot_decide_or_is_down() {
 
     // keyward up but its database gone: a key it has not cached cannot be
     // decided; keyward answers UNAVAILABLE and Envoy applies status_on_error.
-    app.db.close().await;
+    app.cut_off_database().await;
     let stranger = never_minted();
     let answer = get(
         &envoy,
@@ -436,6 +452,167 @@ async fn envoy_with_encode_raw_headers_works_the_same() {
         assert_eq!(answer.status, 200, "{answer:?}");
         assert_forwarded(&upstream, before, &id, "invoices:read");
     }
+}
+
+#[tokio::test]
+async fn a_client_guessing_keys_through_envoy_gets_429_and_other_clients_are_unaffected() {
+    let app = spawn_app_with(&["--brute-force-cooldown", "2s"]).await;
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy(app.addr, upstream.addr, false).await;
+    let (key, _) = mint(&app, &["invoices:read"], &[]).await;
+    let from = |ip: &'static str, key: String| {
+        let port = envoy.port;
+        async move {
+            http_get_from(ip, port, "/billing/invoices", &[("x-api-key", &key)])
+                .await
+                .expect("request through envoy")
+        }
+    };
+
+    // 30 unknown keys from 127.0.0.7: the threshold (20) is reached, then
+    // that address is refused before any lookup.
+    let mut statuses = Vec::new();
+    for _ in 0..30 {
+        let answer = from("127.0.0.7", never_minted().expose_secret().to_owned()).await;
+        statuses.push(answer.status);
+        if answer.status == 429 {
+            answer.assert_denied(429, "RATE_LIMITED");
+            let retry: u64 = answer
+                .header("retry-after")
+                .expect("retry-after on 429")
+                .parse()
+                .expect("seconds");
+            assert!((1..=2).contains(&retry), "retry-after {retry}");
+        } else {
+            answer.assert_denied(401, "UNKNOWN_KEY");
+        }
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        20,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        10,
+        "{statuses:?}"
+    );
+    // Blocked is blocked: a valid key from there is refused too (answering it
+    // differently would tell the guesser which keys are real).
+    assert_eq!(from("127.0.0.7", key.clone()).await.status, 429);
+
+    // Another client is not affected.
+    assert_eq!(from("127.0.0.8", key.clone()).await.status, 200);
+
+    // After the cooldown the first client is served again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(from("127.0.0.7", key.clone()).await.status, 200);
+    assert_eq!(upstream.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_client_sent_identity_header_never_reaches_the_upstream_on_any_route() {
+    let app = spawn_app().await;
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy(app.addr, upstream.addr, false).await;
+    let (key, id) = mint(&app, &["invoices:read"], &[]).await;
+    let forged: &[(&str, &str)] = &[
+        ("x-keyward-owner-id", "victim"),
+        ("x-keyward-key-id", "forged"),
+        ("x-keyward-scopes", "everything"),
+        ("x-keyward-reason", "OK"),
+        ("x-keyward-anything", "else"),
+    ];
+
+    // A route with ext_authz disabled: nothing of keyward's may pass.
+    let answer = get(&envoy, "/public/status", forged).await;
+    assert_eq!(answer.status, 200);
+    // Routes with ext_authz: keyward's own values, and nothing else of theirs.
+    for path in ["/billing/invoices", "/orders/1"] {
+        let mut headers = forged.to_vec();
+        headers.push(("x-api-key", &key));
+        assert_eq!(get(&envoy, path, &headers).await.status, 200, "{path}");
+    }
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 3);
+    for name in [
+        "x-keyward-owner-id",
+        "x-keyward-key-id",
+        "x-keyward-scopes",
+        "x-keyward-reason",
+    ] {
+        assert_eq!(header(&seen[0], name), None, "{name} reached /public");
+    }
+    for authorized in &seen[1..] {
+        assert_eq!(header(authorized, "x-keyward-owner-id"), Some("acme"));
+        assert_eq!(header(authorized, "x-keyward-key-id"), Some(id.as_str()));
+        assert_eq!(
+            header(authorized, "x-keyward-scopes"),
+            Some("invoices:read")
+        );
+        assert_eq!(header(authorized, "x-keyward-reason"), Some("OK"));
+        assert_eq!(authorized.get_all("x-keyward-owner-id").iter().count(), 1);
+    }
+    assert!(
+        seen.iter()
+            .all(|h| header(h, "x-keyward-anything").is_none())
+    );
+}
+
+#[tokio::test]
+async fn a_host_header_naming_another_resource_gains_nothing() {
+    use envoy_types::pb::envoy::service::auth::v3::{
+        AttributeContext, CheckRequest as EnvoyCheck, attribute_context,
+        authorization_client::AuthorizationClient,
+    };
+    let app = spawn_app().await;
+    let (orders_only, _) = mint(&app, &[], &["orders"]).await;
+    let (unlimited, _) = mint(&app, &[], &[]).await;
+    // A route without a `resource` context extension, and a client naming
+    // the resource it wants in the Host header.
+    let check = |key: &str| EnvoyCheck {
+        attributes: Some(AttributeContext {
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    host: "orders".into(),
+                    path: "/anything".into(),
+                    headers: [("x-api-key".to_owned(), key.to_owned())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let code = |app: &TestApp, key: String| {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
+            .expect("uri")
+            .connect_lazy();
+        async move {
+            AuthorizationClient::new(channel)
+                .check(check(&key))
+                .await
+                .expect("check")
+                .into_inner()
+                .status
+                .expect("status")
+                .code
+        }
+    };
+    assert_eq!(
+        code(&app, orders_only.clone()).await,
+        tonic::Code::PermissionDenied as i32,
+        "the Host header is not a resource"
+    );
+    assert_eq!(
+        code(&app, unlimited).await,
+        0,
+        "keys valid everywhere still are"
+    );
+
+    // Only an operator can opt into the Host fallback.
+    let opted = spawn_replica(&app, &["--envoy-host-as-resource", "true"]).await;
+    assert_eq!(code(&opted, orders_only).await, 0);
 }
 
 #[test]

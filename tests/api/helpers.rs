@@ -20,13 +20,16 @@ mod app;
 pub mod db;
 #[path = "../support/grpc.rs"]
 mod grpc;
+// Shared with the benchmarks, which use parts the tests do not.
+#[allow(dead_code)]
+#[path = "../support/private.rs"]
+pub mod private;
 pub use grpc::with_key;
 
 /// A running keyward on its own database, with an admin key and clients.
 pub struct TestApp {
     pub addr: SocketAddr,
-    /// The server's own pool: inspect rows with it, or close it to cut the
-    /// server off from the database.
+    /// The server's admin pool: inspect rows with it.
     pub db: PgPool,
     pub database_url: String,
     pub replica: ReplicaHandle,
@@ -70,7 +73,12 @@ pub async fn spawn_app() -> TestApp {
 
 /// [`spawn_app`] with extra settings.
 pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
-    let database_url = fresh_database_url();
+    spawn_app_on(fresh_database_url(), extra).await
+}
+
+/// A server on the database `database_url` names (created if missing), with
+/// an admin key: e.g. on a private PostgreSQL the test controls.
+pub async fn spawn_app_on(database_url: String, extra: &[&str]) -> TestApp {
     let config = test_config(&database_url, extra);
     let (admin, secret) = startup::bootstrap(&config, "ops", "test admin")
         .await
@@ -164,6 +172,11 @@ impl TestApp {
 
     pub fn admin<T>(&self, message: T) -> Request<T> {
         with_key(message, &self.admin_key)
+    }
+
+    /// Cuts the server off from its database (both of its pools close).
+    pub async fn cut_off_database(&self) {
+        self.replica.store().close().await;
     }
 
     /// The name of this test's database.

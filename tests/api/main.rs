@@ -2,8 +2,10 @@
 //! per test, and the real grpcurl and Envoy binaries. Set TEST_LOG=1 to see the logs.
 
 mod admin;
+mod attack;
 mod check;
 mod envoy;
+mod faults;
 mod helpers;
 mod list;
 mod replicas;

@@ -68,9 +68,33 @@ async fn a_change_made_directly_in_sql_reaches_every_replica() {
     }
 }
 
+async fn terminate_listener(of: &TestApp) {
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(format!("keyward-listener {}", of.replica.instance_id()))
+    .fetch_all(&mut db::maintenance().await)
+    .await
+    .expect("terminate");
+    assert_eq!(
+        killed,
+        [true],
+        "exactly the replica's listener was terminated"
+    );
+}
+
+async fn allow_connections(app: &TestApp, allow: bool) {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        r#"ALTER DATABASE "{}" ALLOW_CONNECTIONS {allow}"#,
+        app.database_name()
+    )))
+    .execute(&mut db::maintenance().await)
+    .await
+    .expect("alter database");
+}
+
 #[tokio::test]
-async fn a_replica_whose_listener_is_killed_reconnects_drops_its_cache_and_hears_later_revocations()
-{
+async fn a_replica_whose_listener_is_killed_keeps_its_cache_and_hears_later_revocations() {
     let a = spawn_app().await;
     let b = spawn_replica(&a, &[]).await;
     let first = a.mint_for("acme").await;
@@ -79,42 +103,63 @@ async fn a_replica_whose_listener_is_killed_reconnects_drops_its_cache_and_hears
         assert!(b.check_key(key).await.expect("check").allowed);
     }
     let lookups = b.replica.store().stats().key_lookups();
-    assert!(b.check_key(&first.secret).await.expect("check").allowed);
-    assert_eq!(
-        b.replica.store().stats().key_lookups(),
-        lookups,
-        "served from cache"
-    );
 
-    // Kill B's LISTEN connection from the database side.
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-    )
-    .bind(format!("keyward-listener {}", b.replica.instance_id()))
-    .fetch_all(&mut db::maintenance().await)
-    .await
-    .expect("terminate");
-    assert_eq!(killed, [true], "exactly B's listener was terminated");
-
+    terminate_listener(&b).await;
     assert!(
         b.replica
             .wait_for_listen_sessions(2, Duration::from_secs(10))
             .await,
         "B re-established its LISTEN"
     );
-    // The cache was dropped: the next check of a cached key reads the store.
+    // Nothing changed meanwhile: the cache was kept, no key is re-read.
     assert!(b.check_key(&first.secret).await.expect("check").allowed);
     assert_eq!(
         b.replica.store().stats().key_lookups(),
-        lookups + 1,
-        "cache dropped"
+        lookups,
+        "cache kept across the reconnect"
     );
 
     // Revocations made after the reconnect reach B.
-    assert!(b.check_key(&second.secret).await.expect("check").allowed);
     a.revoke(&second.key.expect("key").id).await;
     let took = until_reason(&b, &second.secret, Reason::Revoked).await;
     println!("after B's reconnect, a revocation reached B after {took:?}");
+}
+
+#[tokio::test]
+async fn a_key_revoked_while_a_replicas_listener_was_away_is_refused_once_it_listens_again() {
+    let a = spawn_app().await;
+    let b = spawn_replica(&a, &[]).await;
+    let doomed = a.mint_for("acme").await;
+    let kept = a.mint_for("acme").await;
+    for key in [&doomed.secret, &kept.secret] {
+        assert!(b.check_key(key).await.expect("check").allowed);
+    }
+    // Keep A's admin pool warm: new connections are about to be refused.
+    a.get(&kept.key.as_ref().expect("key").id).await;
+
+    // B's listener goes away and cannot come back yet; meanwhile A revokes.
+    allow_connections(&a, false).await;
+    terminate_listener(&b).await;
+    a.revoke(&doomed.key.as_ref().expect("key").id).await;
+    let lookups = b.replica.store().stats().key_lookups();
+    allow_connections(&a, true).await;
+    assert!(
+        b.replica
+            .wait_for_listen_sessions(2, Duration::from_secs(15))
+            .await,
+        "B listens again"
+    );
+
+    // The very first check after B listens again refuses the key, and only
+    // the changed key was re-read.
+    let resp = b.check_key(&doomed.secret).await.expect("check");
+    assert_eq!(reason(&resp), Reason::Revoked);
+    assert!(b.check_key(&kept.secret).await.expect("check").allowed);
+    assert_eq!(
+        b.replica.store().stats().key_lookups(),
+        lookups + 1,
+        "only the revoked key was re-read"
+    );
 }
 
 #[tokio::test]
@@ -220,4 +265,21 @@ async fn a_replica_started_after_a_revocation_denies_the_key() {
     let b = spawn_replica(&a, &[]).await;
     let resp = b.check_key(&minted.secret).await.expect("check");
     assert_eq!(reason(&resp), Reason::Revoked);
+}
+
+#[tokio::test]
+async fn a_replica_starts_on_a_database_a_newer_release_has_migrated() {
+    // After a rollback, the database holds a migration this binary does not
+    // know; migrations only add, so the older binary must still start.
+    let a = spawn_app().await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (29991231000000, 'from a newer release', true, '\\x00', 1)",
+    )
+    .execute(&a.db)
+    .await
+    .expect("record a newer migration");
+    let b = spawn_replica(&a, &[]).await;
+    let minted = a.mint_for("acme").await;
+    assert!(b.check_key(&minted.secret).await.expect("check").allowed);
 }

@@ -9,6 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/keyward/v1/keys.proto",
         "proto/keyward/v1/check.proto",
+        "proto/keyward/v1/owners.proto",
+        "proto/keyward/v1/audit.proto",
+        "proto/keyward/v1/leaks.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
 
@@ -19,7 +22,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)
         // These hold plaintext keys: src/pb.rs gives them redacting Debug impls.
-        .skip_debug(["keyward.v1.MintResponse", "keyward.v1.CheckRequest"])
+        .skip_debug([
+            "keyward.v1.MintResponse",
+            "keyward.v1.CheckRequest",
+            "keyward.v1.RotateResponse",
+            "keyward.v1.ReportRequest",
+        ])
         .compile_fds(fds)?;
     Ok(())
 }

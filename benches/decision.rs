@@ -77,6 +77,8 @@ fn fixture() -> &'static Fixture {
                 expires_at: None,
                 disabled_at: None,
                 revoked_at: None,
+                owner_active: true,
+                canary: false,
             };
             cache.fill(cache.ticket(&key.hash()), key.hash(), Some(grant.clone()));
             hashes.push(key.hash());

@@ -34,7 +34,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -42,12 +42,15 @@ use std::{
 use moka::sync::Cache;
 
 use crate::{
-    key::{Grant, KeyHash, KeyId},
+    key::{Grant, KeyHash, KeyId, OwnerId},
     usage::{KeyUsage, Used},
 };
 
 /// Shards of the fill generation counters.
 const SHARDS: usize = 1024;
+/// Shards of the owner epochs: a change to one owner makes the keys of
+/// about 1/16,384 of all owners re-read (its own among them).
+const OWNER_SHARDS: usize = 16_384;
 
 /// Sizes and lifetimes of the cache entries.
 #[derive(Debug, Clone)]
@@ -72,6 +75,10 @@ pub struct CachedKey {
     pub grant: Grant,
     usage: KeyUsage,
     loaded_at: Instant,
+    /// The owner's shard and its epoch when this was read: a change to the
+    /// owner moves the epoch, and the entry must be re-read.
+    owner_shard: u16,
+    owner_epoch: u32,
 }
 
 impl CachedKey {
@@ -117,6 +124,10 @@ pub struct KeyCache {
     /// Entries loaded before `origin` + this many nanoseconds must be re-read
     /// before use; 0: none.
     revalidate_before: Arc<AtomicU64>,
+    owner_epochs: Arc<[AtomicU32]>,
+    /// Owner changes so far: a fill that raced with one is not kept (the
+    /// owner of a key is only known once it is read).
+    owner_changes: Arc<AtomicU64>,
 }
 
 /// Taken before a miss is loaded; hands the loaded answer to the cache.
@@ -124,11 +135,23 @@ pub struct KeyCache {
 pub struct Ticket {
     shard: usize,
     generation: u64,
+    owner_changes: u64,
 }
 
 fn shard(hash: &KeyHash) -> usize {
     let b = hash.as_bytes();
     usize::from(u16::from_le_bytes([b[8], b[9]])) % SHARDS
+}
+
+/// FNV-1a of the owner id, into the owner epochs.
+fn owner_shard(owner: &OwnerId) -> usize {
+    let hash = owner
+        .as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    (hash % OWNER_SHARDS as u64) as usize
 }
 
 impl KeyCache {
@@ -147,6 +170,8 @@ impl KeyCache {
             generations: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             origin: Instant::now(),
             revalidate_before: Arc::new(AtomicU64::new(0)),
+            owner_epochs: (0..OWNER_SHARDS).map(|_| AtomicU32::new(0)).collect(),
+            owner_changes: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -158,15 +183,26 @@ impl KeyCache {
                 self.known.invalidate(hash);
                 return None;
             }
-            if self.marked(&entry) {
+            if self.marked(&entry)
+                || self.owner_epochs[usize::from(entry.owner_shard)].load(Ordering::Acquire)
+                    != entry.owner_epoch
+            {
                 return Some(Lookup::Revalidate(entry));
             }
-            if age < self.ttl {
+            if age < self.fresh_for(hash) {
                 return Some(Lookup::Fresh(entry));
             }
             return Some(Lookup::Stale(entry));
         }
         self.unknown.get(hash).map(|()| Lookup::Unknown)
+    }
+
+    /// The soft TTL, shortened by up to a fifth depending on the hash, so
+    /// that keys loaded together (a warm-up, a burst) do not all go stale
+    /// together and send a wave of re-reads to the database at once.
+    fn fresh_for(&self, hash: &KeyHash) -> Duration {
+        let spread = u32::from(hash.as_bytes()[10]);
+        self.ttl - self.ttl / 5 * spread / 255
     }
 
     fn marked(&self, entry: &CachedKey) -> bool {
@@ -192,6 +228,7 @@ impl KeyCache {
         Ticket {
             shard,
             generation: self.generations[shard].load(Ordering::SeqCst),
+            owner_changes: self.owner_changes.load(Ordering::SeqCst),
         }
     }
 
@@ -205,7 +242,10 @@ impl KeyCache {
     ) -> Option<Arc<CachedKey>> {
         let entry = match found {
             Some(grant) => {
+                let owner = owner_shard(&grant.owner_id);
                 let entry = Arc::new(CachedKey {
+                    owner_shard: owner as u16,
+                    owner_epoch: self.owner_epochs[owner].load(Ordering::Acquire),
                     grant,
                     usage: KeyUsage::default(),
                     loaded_at: Instant::now(),
@@ -220,10 +260,19 @@ impl KeyCache {
                 None
             }
         };
-        if self.generations[ticket.shard].load(Ordering::SeqCst) != ticket.generation {
+        if self.generations[ticket.shard].load(Ordering::SeqCst) != ticket.generation
+            || self.owner_changes.load(Ordering::SeqCst) != ticket.owner_changes
+        {
             self.evict(&hash);
         }
         entry
+    }
+
+    /// The owner changed (suspended, resumed, new defaults): every cached
+    /// key of it is re-read before its next use.
+    pub fn invalidate_owner(&self, owner: &OwnerId) {
+        self.owner_changes.fetch_add(1, Ordering::SeqCst);
+        self.owner_epochs[owner_shard(owner)].fetch_add(1, Ordering::AcqRel);
     }
 
     fn bump(&self, hash: &KeyHash) {
@@ -400,6 +449,26 @@ mod tests {
         cache.forget_unknown(&unknown);
         assert!(matches!(cache.get(&known), Some(Lookup::Fresh(_))));
         assert!(cache.get(&unknown).is_none());
+    }
+
+    #[test]
+    fn a_change_to_an_owner_has_its_keys_re_read() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let ((hash, rec), (other, other_rec)) = (record(), record());
+        let mut other_rec = other_rec;
+        other_rec.owner_id = OwnerId::parse("globex").unwrap();
+        cache.fill(cache.ticket(&hash), hash, Some(rec.clone()));
+        cache.fill(cache.ticket(&other), other, Some(other_rec));
+        cache.invalidate_owner(&rec.owner_id);
+        assert!(matches!(cache.get(&hash), Some(Lookup::Revalidate(_))));
+        assert!(matches!(cache.get(&other), Some(Lookup::Fresh(_))));
+        // A fill that read the key while its owner changed is not kept.
+        let ticket = cache.ticket(&hash);
+        cache.invalidate_owner(&rec.owner_id);
+        assert!(cache.fill(ticket, hash, Some(rec.clone())).is_some());
+        assert!(cache.get(&hash).is_none());
+        cache.fill(cache.ticket(&hash), hash, Some(rec));
+        assert!(matches!(cache.get(&hash), Some(Lookup::Fresh(_))));
     }
 
     #[test]

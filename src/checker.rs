@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use crate::{
     cache::{CachedKey, KeyCache, Lookup, Ticket},
     filter::KeyFilter,
-    key::{ApiKey, Grant, KeyHash},
+    key::{ApiKey, Grant, KeyHash, KeyId, OwnerId},
     policy::{self, Decision, Reason},
     store::{Store, StoreError},
     throttle::{Source, SourceThrottle, ThrottleSettings},
@@ -100,6 +100,8 @@ pub struct CheckerSettings {
     pub unknown_lookups_per_second: u32,
     pub unknown_lookup_burst: u32,
     pub throttle: ThrottleSettings,
+    /// Re-reads of stale entries at once (a share of the check connections).
+    pub background_refreshes: usize,
 }
 
 /// The settings' defaults (`config.rs`).
@@ -113,6 +115,7 @@ impl Default for CheckerSettings {
                 window: Duration::from_secs(60),
                 cooldown: Duration::from_secs(60),
             },
+            background_refreshes: 3,
         }
     }
 }
@@ -166,6 +169,10 @@ struct Inner {
     flights: Mutex<HashMap<KeyHash, watch::Receiver<Option<Loaded>>>>,
     throttle: SourceThrottle,
     unknown_budget: Budget,
+    /// Background re-reads of stale entries allowed at once.
+    refreshes: Arc<tokio::sync::Semaphore>,
+    /// Canary keys reported in the last second.
+    canary_reports: moka::sync::Cache<KeyId, ()>,
     stats: CheckerStats,
     /// When the last store failure was logged (ms since `origin`).
     last_failure_log_ms: AtomicU64,
@@ -192,6 +199,13 @@ impl Checker {
                     settings.unknown_lookups_per_second,
                     settings.unknown_lookup_burst,
                 ),
+                refreshes: Arc::new(tokio::sync::Semaphore::new(
+                    settings.background_refreshes.max(1),
+                )),
+                canary_reports: moka::sync::Cache::builder()
+                    .max_capacity(10_000)
+                    .time_to_live(Duration::from_secs(1))
+                    .build(),
                 stats: CheckerStats::default(),
                 last_failure_log_ms: AtomicU64::new(0),
                 origin: Instant::now(),
@@ -234,10 +248,15 @@ impl Checker {
                 .fetch_add(1, Ordering::Relaxed);
             return Ok(Outcome::blocked(retry_after));
         }
-        let outcome = match self.check_cached(credential, request) {
+        let mut outcome = match self.check_cached(credential, request) {
             Cached::Answered(outcome) => outcome,
             Cached::Miss(hash, old) => self.check_store(hash, old, request).await?,
         };
+        if let Some(entry) = outcome.entry.as_ref().filter(|e| e.grant.canary) {
+            self.canary_tripped(&entry.grant, request.resource, client);
+            // Exactly what a never-minted key gets: nothing about the key.
+            outcome = Outcome::denied(Reason::UnknownKey);
+        }
         if outcome.decision.is_failed_presentation() && self.inner.throttle.failed(source, now) {
             self.inner
                 .stats
@@ -255,7 +274,7 @@ impl Checker {
     /// The hot path without I/O: answers from the credential alone, the
     /// cache or the membership filter, or says which hash must be read.
     pub fn check_cached(&self, credential: Option<&str>, request: &policy::Request<'_>) -> Cached {
-        let hash = match parse_credential(credential) {
+        let hash = match credential_hash(credential) {
             Ok(hash) => hash,
             Err(reason) => return Cached::Answered(Outcome::denied(reason)),
         };
@@ -266,7 +285,7 @@ impl Checker {
             // While the store is unreachable the stale entry keeps answering
             // until the cache drops it (soft TTL + stale_if_error).
             Some(Lookup::Stale(entry)) => {
-                drop(self.flight(hash));
+                self.refresh_in_background(hash);
                 entry
             }
             Some(Lookup::Revalidate(entry)) => return Cached::Miss(hash, Some(entry)),
@@ -312,6 +331,22 @@ impl Checker {
             },
             Err(err) => Err(err),
         }
+    }
+
+    /// Re-reads a stale entry while it keeps answering, unless as many
+    /// re-reads as `background_refreshes` are running already: then the next
+    /// check of the key tries again. Re-reads never take every check
+    /// connection from misses, whose callers are waiting.
+    fn refresh_in_background(&self, hash: KeyHash) {
+        let Ok(permit) = self.inner.refreshes.clone().try_acquire_owned() else {
+            return;
+        };
+        let flight = self.flight(hash);
+        tokio::spawn(async move {
+            let mut flight = flight;
+            let _ = flight.wait_for(Option::is_some).await;
+            drop(permit);
+        });
     }
 
     /// The store read in flight for `hash`, or a new one. The read runs in
@@ -376,6 +411,38 @@ impl Checker {
         }
     }
 
+    /// A canary key was presented: a WARN line with where from and for what,
+    /// and an audit event, at most once a second per key (a flood of one
+    /// canary must not flood the audit trail).
+    fn canary_tripped(&self, key: &Grant, resource: Option<&str>, client: Option<IpAddr>) {
+        let inner = &*self.inner;
+        if inner.canary_reports.contains_key(&key.id) {
+            return;
+        }
+        inner.canary_reports.insert(key.id, ());
+        tracing::warn!(
+            key_id = %key.id,
+            owner_id = %key.owner_id,
+            client = ?client,
+            resource,
+            "canary key presented"
+        );
+        let (store, key, resource) = (
+            inner.store.clone(),
+            key.clone(),
+            resource.map(str::to_owned),
+        );
+        tokio::spawn(async move {
+            let actor = crate::store::Actor::presenter(client);
+            if let Err(err) = store
+                .record_canary_trip(&key, resource.as_deref(), &actor)
+                .await
+            {
+                tracing::warn!(key_id = %key.id, error = %crate::telemetry::chain(&err), "cannot audit a canary presentation");
+            }
+        });
+    }
+
     /// Call before storing a new key; pass the ticket to [`Checker::remember_new_key`].
     pub fn ticket(&self, hash: &KeyHash) -> Ticket {
         self.inner.cache.ticket(hash)
@@ -391,6 +458,11 @@ impl Checker {
     /// A key this replica just changed: its next check reads the store.
     pub fn invalidate(&self, hash: &KeyHash) {
         self.inner.cache.invalidate(hash);
+    }
+
+    /// An owner this replica just changed: its keys are re-read before use.
+    pub fn invalidate_owner(&self, owner: &OwnerId) {
+        self.inner.cache.invalidate_owner(owner);
     }
 }
 
@@ -434,7 +506,7 @@ impl Budget {
 /// Accepts `<key>` or `Bearer <key>` (scheme case-insensitive, RFC 6750).
 /// Presence and format are settled here, before any cache or store lookup;
 /// what comes out is the key's hash (the secret is not copied).
-fn parse_credential(credential: Option<&str>) -> Result<KeyHash, Reason> {
+pub fn credential_hash(credential: Option<&str>) -> Result<KeyHash, Reason> {
     let value = credential.map(str::trim).unwrap_or_default();
     if value.is_empty() {
         return Err(Reason::MissingKey);
@@ -480,7 +552,7 @@ mod tests {
             format!("BEARER  {s} "),
         ] {
             assert_eq!(
-                parse_credential(Some(&presented)),
+                credential_hash(Some(&presented)),
                 Ok(k.hash()),
                 "{presented:?}"
             );
@@ -489,9 +561,9 @@ mod tests {
 
     #[test]
     fn absent_and_blank_credentials_are_missing() {
-        assert_eq!(parse_credential(None), Err(Reason::MissingKey));
-        assert_eq!(parse_credential(Some("")), Err(Reason::MissingKey));
-        assert_eq!(parse_credential(Some("   ")), Err(Reason::MissingKey));
+        assert_eq!(credential_hash(None), Err(Reason::MissingKey));
+        assert_eq!(credential_hash(Some("")), Err(Reason::MissingKey));
+        assert_eq!(credential_hash(Some("   ")), Err(Reason::MissingKey));
     }
 
     #[test]
@@ -499,13 +571,13 @@ mod tests {
         let k = key();
         let s = k.expose_secret();
         assert_eq!(
-            parse_credential(Some(&format!("Basic {s}"))),
+            credential_hash(Some(&format!("Basic {s}"))),
             Err(Reason::MalformedKey)
         );
-        assert_eq!(parse_credential(Some("Bearer")), Err(Reason::MalformedKey));
-        assert_eq!(parse_credential(Some("Bearer ")), Err(Reason::MalformedKey));
+        assert_eq!(credential_hash(Some("Bearer")), Err(Reason::MalformedKey));
+        assert_eq!(credential_hash(Some("Bearer ")), Err(Reason::MalformedKey));
         assert_eq!(
-            parse_credential(Some(&s[..s.len() - 1])),
+            credential_hash(Some(&s[..s.len() - 1])),
             Err(Reason::MalformedKey)
         );
     }

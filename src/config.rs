@@ -175,6 +175,16 @@ pub struct Config {
     #[arg(long, env = "KEYWARD_BRUTE_FORCE_COOLDOWN", default_value = "1m", value_parser = humantime::parse_duration, global = true)]
     pub brute_force_cooldown: Duration,
 
+    /// Leak reports (LeakService, no management key) one client address may
+    /// make per minute.
+    #[arg(
+        long,
+        env = "KEYWARD_LEAK_REPORTS_PER_MINUTE",
+        default_value_t = 10,
+        global = true
+    )]
+    pub leak_reports_per_minute: u32,
+
     /// After the LISTEN connection comes back, keys changed since the last
     /// notice heard minus this margin are evicted (the margin covers
     /// transactions still open when their change was stamped, and clock

@@ -3,7 +3,8 @@
 //!
 //! A background task holds a `LISTEN keyward_invalidate` connection. Each
 //! notice names a key: changed (evict it), created (add it to the filter,
-//! forget that it was unknown), or many created at once (reload the filter).
+//! forget that it was unknown), or many created at once (reload the filter);
+//! or an owner that changed (its keys are re-read before their next use).
 //!
 //! Notices sent while the connection was down are lost, so after every
 //! reconnect the replica catches up before it counts as listening again: it
@@ -179,10 +180,14 @@ async fn catch_up(l: &Listening, heard_until: Option<DateTime<Utc>>) {
             for hash in &changed.keys {
                 l.cache.invalidate(hash);
             }
+            for owner in &changed.owners {
+                l.cache.invalidate_owner(owner);
+            }
             // Unknown hashes may have become keys meanwhile.
             l.cache.forget_all_unknown();
             tracing::info!(
                 changed_keys = changed.keys.len(),
+                changed_owners = changed.owners.len(),
                 since = %since,
                 "caught up on changes missed while not listening"
             );
@@ -218,6 +223,10 @@ async fn apply(l: &Listening, what: Notice, at: Option<DateTime<Utc>>) -> Result
         Notice::Resync => {
             l.filter.load(&l.store).await?;
             l.cache.forget_all_unknown();
+        }
+        Notice::Owner(owner) => {
+            l.cache.invalidate_owner(&owner);
+            tracing::info!(owner_id = %owner, "owner changed; its keys are re-read before use");
         }
     }
     Ok(())

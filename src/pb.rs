@@ -34,3 +34,22 @@ impl std::fmt::Debug for CheckRequest {
             .finish()
     }
 }
+
+impl std::fmt::Debug for RotateResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RotateResponse")
+            .field("key", &self.key)
+            .field("secret", &"<redacted>")
+            .field("previous", &self.previous)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ReportRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReportRequest")
+            .field("secret", &"<redacted>")
+            .field("source", &self.source)
+            .finish()
+    }
+}

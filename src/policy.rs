@@ -6,7 +6,7 @@ use std::{borrow::Cow, net::IpAddr, time::Duration};
 
 use chrono::{DateTime, Utc};
 
-use crate::key::{Grant, KeyState};
+use crate::key::Grant;
 
 /// Why a check was allowed or denied. The variants are listed in the order a
 /// check evaluates them; the first failure wins.
@@ -147,41 +147,162 @@ pub struct Request<'a> {
 
 /// Decides for a key that exists. Credential presence, format and existence
 /// (MISSING_KEY, MALFORMED_KEY, UNKNOWN_KEY) are settled before a record can
-/// be looked up, so they are not evaluated here.
+/// be looked up, so they are not evaluated here, except that a canary key
+/// answers exactly as an unknown one.
 pub fn decide(key: &Grant, req: &Request<'_>, now: DateTime<Utc>) -> Decision {
-    match key.state_at(now) {
-        KeyState::Revoked => return Decision::new(Reason::Revoked),
-        KeyState::Expired => return Decision::new(Reason::Expired),
-        KeyState::Disabled => return Decision::new(Reason::Disabled),
-        KeyState::Active => {}
-    }
-    if !key.ip_allow.is_empty() {
-        // An IPv4 client seen through an IPv6 socket must match IPv4 blocks.
-        let allowed = req
-            .client_ip
-            .map(|ip| ip.to_canonical())
-            .is_some_and(|ip| key.ip_allow.iter().any(|net| net.contains(&ip)));
-        if !allowed {
-            return Decision::new(Reason::IpForbidden);
+    for rule in RULES {
+        if let Err(decision) = (rule.check)(key, req, now) {
+            return decision;
         }
-    }
-    if !key.resources.is_empty() {
-        // A key limited to resources fails closed when the caller names none.
-        let allowed = req
-            .resource
-            .is_some_and(|r| key.resources.iter().any(|k| k.as_str() == r));
-        if !allowed {
-            return Decision::new(Reason::ResourceForbidden);
-        }
-    }
-    if let Some(missing) = req.required_scopes.iter().find(|s| !key.has_scope(s)) {
-        return Decision::with_message(
-            Reason::ScopeMissing,
-            format!("the API key lacks the required scope {missing}"),
-        );
     }
     Decision::new(Reason::Ok)
 }
+
+/// One rule's verdict, for `Explain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub rule: &'static str,
+    pub passed: bool,
+    /// Why it failed, or what it checked.
+    pub detail: Cow<'static, str>,
+}
+
+/// Every rule's verdict, in the order a check evaluates them, and the
+/// decision (the first failure, as [`decide`] gives it).
+pub fn explain(key: &Grant, req: &Request<'_>, now: DateTime<Utc>) -> (Decision, Vec<Verdict>) {
+    let mut decision = None;
+    let verdicts = RULES
+        .iter()
+        .map(|rule| match (rule.check)(key, req, now) {
+            Ok(()) => Verdict {
+                rule: rule.name,
+                passed: true,
+                detail: Cow::Borrowed(rule.passes),
+            },
+            Err(d) => {
+                let detail = d.message.clone();
+                decision.get_or_insert(d);
+                Verdict {
+                    rule: rule.name,
+                    passed: false,
+                    detail,
+                }
+            }
+        })
+        .collect();
+    (
+        decision.unwrap_or_else(|| Decision::new(Reason::Ok)),
+        verdicts,
+    )
+}
+
+struct Rule {
+    name: &'static str,
+    /// What a pass means, for `Explain`.
+    passes: &'static str,
+    check: fn(&Grant, &Request<'_>, DateTime<Utc>) -> Result<(), Decision>,
+}
+
+/// In the decision table's order; the first failure wins.
+const RULES: [Rule; 8] = [
+    Rule {
+        name: "canary",
+        passes: "not a canary key",
+        check: |key, _, _| {
+            if key.canary {
+                Err(Decision::with_message(
+                    Reason::UnknownKey,
+                    "a canary key: refused as an unknown key, and reported".to_owned(),
+                ))
+            } else {
+                Ok(())
+            }
+        },
+    },
+    Rule {
+        name: "revoked",
+        passes: "not revoked",
+        check: |key, _, _| match key.revoked_at {
+            Some(_) => Err(Decision::new(Reason::Revoked)),
+            None => Ok(()),
+        },
+    },
+    Rule {
+        name: "expiry",
+        passes: "not expired",
+        check: |key, _, now| match key.expires_at {
+            Some(at) if at <= now => Err(Decision::new(Reason::Expired)),
+            _ => Ok(()),
+        },
+    },
+    Rule {
+        name: "disabled",
+        passes: "not disabled",
+        check: |key, _, _| match key.disabled_at {
+            Some(_) => Err(Decision::new(Reason::Disabled)),
+            None => Ok(()),
+        },
+    },
+    Rule {
+        name: "owner",
+        passes: "the owner is active",
+        check: |key, _, _| {
+            if key.owner_active {
+                Ok(())
+            } else {
+                Err(Decision::new(Reason::OwnerInactive))
+            }
+        },
+    },
+    Rule {
+        name: "ip_allow",
+        passes: "the client address is allowed",
+        check: |key, req, _| {
+            if key.ip_allow.is_empty() {
+                return Ok(());
+            }
+            // An IPv4 client seen through an IPv6 socket must match IPv4 blocks.
+            let allowed = req
+                .client_ip
+                .map(|ip| ip.to_canonical())
+                .is_some_and(|ip| key.ip_allow.iter().any(|net| net.contains(&ip)));
+            if allowed {
+                Ok(())
+            } else {
+                Err(Decision::new(Reason::IpForbidden))
+            }
+        },
+    },
+    Rule {
+        name: "resources",
+        passes: "the key is valid for the resource",
+        check: |key, req, _| {
+            if key.resources.is_empty() {
+                return Ok(());
+            }
+            // A key limited to resources fails closed when the caller names none.
+            let allowed = req
+                .resource
+                .is_some_and(|r| key.resources.iter().any(|k| k.as_str() == r));
+            if allowed {
+                Ok(())
+            } else {
+                Err(Decision::new(Reason::ResourceForbidden))
+            }
+        },
+    },
+    Rule {
+        name: "scopes",
+        passes: "the key holds every required scope",
+        check: |key, req, _| match req.required_scopes.iter().find(|s| !key.has_scope(s)) {
+            Some(missing) => Err(Decision::with_message(
+                Reason::ScopeMissing,
+                format!("the API key lacks the required scope {missing}"),
+            )),
+            None => Ok(()),
+        },
+    },
+];
 
 #[cfg(test)]
 mod tests {
@@ -298,6 +419,48 @@ mod tests {
             ..req
         };
         assert_eq!(reason(&key, &req), Reason::ScopeMissing);
+    }
+
+    #[test]
+    fn a_suspended_owners_keys_are_refused_after_their_own_state() {
+        let mut key = record();
+        key.owner_active = false;
+        assert_eq!(reason(&key, &Request::default()), Reason::OwnerInactive);
+        key.disabled_at = Some(Utc::now());
+        assert_eq!(reason(&key, &Request::default()), Reason::Disabled);
+    }
+
+    #[test]
+    fn a_canary_key_is_refused_as_unknown_whatever_else_holds() {
+        let mut key = record();
+        key.canary = true;
+        assert_eq!(reason(&key, &Request::default()), Reason::UnknownKey);
+        key.revoked_at = Some(Utc::now());
+        assert_eq!(reason(&key, &Request::default()), Reason::UnknownKey);
+    }
+
+    #[test]
+    fn explain_gives_every_rules_verdict_and_the_same_decision() {
+        let mut key = record();
+        key.resources = [Resource::parse("billing").unwrap()].into();
+        key.disabled_at = Some(Utc::now());
+        let scopes = ["orders:write"];
+        let req = Request {
+            resource: Some("orders"),
+            required_scopes: &scopes,
+            client_ip: None,
+        };
+        let now = Utc::now();
+        let (decision, verdicts) = explain(&key, &req, now);
+        assert_eq!(decision, decide(&key, &req, now));
+        assert_eq!(decision.reason, Reason::Disabled);
+        let failed: Vec<_> = verdicts
+            .iter()
+            .filter(|v| !v.passed)
+            .map(|v| v.rule)
+            .collect();
+        assert_eq!(failed, ["disabled", "resources", "scopes"]);
+        assert_eq!(verdicts.len(), 8);
     }
 
     #[test]

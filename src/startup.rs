@@ -15,9 +15,10 @@ use tonic_health::server::HealthReporter;
 
 use crate::{
     api::{
-        admin::AdminApi,
+        admin::{AdminApi, AdminStats},
         check::CheckApi,
         envoy::{EnvoyApi, EnvoyOptions},
+        leaks::LeakApi,
         shed::InFlight,
     },
     cache::KeyCache,
@@ -25,9 +26,13 @@ use crate::{
     config::Config,
     filter::KeyFilter,
     invalidation::{self, LagStats, Listening},
-    key::{ApiKey, KeyRecord, NewKey, OwnerId, Scope},
+    key::{ApiKey, KeyRecord, MintSpec, NewKey, OwnerId, Scope},
     net::Coalescing,
-    pb::{self, check_service_server::CheckServiceServer, key_service_server::KeyServiceServer},
+    pb::{
+        self, audit_service_server::AuditServiceServer, check_service_server::CheckServiceServer,
+        key_service_server::KeyServiceServer, leak_service_server::LeakServiceServer,
+        owner_service_server::OwnerServiceServer,
+    },
     store::{Actor, DbOptions, Store, StoreError},
     throttle::ThrottleSettings,
     usage::{self, UsageRecorder},
@@ -60,6 +65,7 @@ pub struct Application {
     local_addr: SocketAddr,
     checker: Checker,
     admin: AdminApi,
+    leaks: LeakApi,
     replica: ReplicaHandle,
     background: Background,
     shutdown_grace: Duration,
@@ -84,6 +90,7 @@ pub struct ReplicaHandle {
     store: Store,
     checker: Checker,
     in_flight: InFlight,
+    admin: Arc<AdminStats>,
     lag: Arc<LagStats>,
     listen_sessions: watch::Receiver<u64>,
 }
@@ -102,6 +109,11 @@ impl ReplicaHandle {
     /// The hot path, with its counters, cache and filter.
     pub fn checker(&self) -> &Checker {
         &self.checker
+    }
+
+    /// What the admin plane refused.
+    pub fn admin_stats(&self) -> &AdminStats {
+        &self.admin
     }
 
     /// Checks being served right now.
@@ -204,6 +216,8 @@ impl Application {
                     window: config.brute_force_window,
                     cooldown: config.brute_force_cooldown,
                 },
+                // Half the check connections: the rest stays for misses.
+                background_refreshes: (config.db_check_connections as usize / 2).max(1),
             },
         );
         let replica = ReplicaHandle {
@@ -211,6 +225,7 @@ impl Application {
             store: store.clone(),
             checker: checker.clone(),
             in_flight: InFlight::new(config.max_in_flight),
+            admin: Arc::default(),
             lag,
             listen_sessions,
         };
@@ -223,12 +238,28 @@ impl Application {
             return Err(StartupError::Listen);
         }
 
-        let admin = AdminApi::new(checker.clone(), store, config.key_prefix.clone());
+        let admin = AdminApi::new(
+            checker.clone(),
+            store.clone(),
+            config.key_prefix.clone(),
+            replica.admin.clone(),
+        );
+        let leaks = LeakApi::new(
+            checker.clone(),
+            store,
+            ThrottleSettings {
+                // The report that reaches the threshold is refused.
+                threshold: config.leak_reports_per_minute.saturating_add(1),
+                window: Duration::from_secs(60),
+                cooldown: Duration::from_secs(60),
+            },
+        );
         Ok(Self {
             listener,
             local_addr,
             checker,
             admin,
+            leaks,
             replica,
             background,
             shutdown_grace: config.shutdown_grace,
@@ -274,6 +305,7 @@ impl Application {
             local_addr,
             checker,
             admin,
+            leaks,
             replica,
             mut background,
             shutdown_grace,
@@ -311,7 +343,10 @@ impl Application {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(KeyServiceServer::new(admin))
+            .add_service(KeyServiceServer::new(admin.clone()))
+            .add_service(OwnerServiceServer::new(admin.clone()))
+            .add_service(AuditServiceServer::new(admin))
+            .add_service(LeakServiceServer::new(leaks))
             .add_service(
                 in_flight.wrap(
                     CheckServiceServer::new(CheckApi::new(checker.clone()))
@@ -361,6 +396,9 @@ async fn set_health(health: &HealthReporter, status: tonic_health::ServingStatus
     for service in [
         "",
         <KeyServiceServer<AdminApi> as tonic::server::NamedService>::NAME,
+        <OwnerServiceServer<AdminApi> as tonic::server::NamedService>::NAME,
+        <AuditServiceServer<AdminApi> as tonic::server::NamedService>::NAME,
+        <LeakServiceServer<LeakApi> as tonic::server::NamedService>::NAME,
         <CheckServiceServer<CheckApi> as tonic::server::NamedService>::NAME,
         <AuthorizationServer<EnvoyApi> as tonic::server::NamedService>::NAME,
     ] {
@@ -407,14 +445,16 @@ pub async fn bootstrap(
 ) -> Result<(KeyRecord, ApiKey), StartupError> {
     let owner = OwnerId::parse(owner).map_err(StartupError::Owner)?;
     let store = Store::connect_and_migrate(&config.db()).await?;
-    let (secret, generated) = NewKey::generate(&config.key_prefix, owner);
-    let new_key = NewKey {
+    let (secret, new_key) = NewKey::generate(MintSpec {
         name: name.to_owned(),
         description: "written by keyward bootstrap".to_owned(),
         scopes: vec![Scope::parse(Scope::ADMIN).map_err(StartupError::Owner)?],
-        ..generated
-    };
-    let record = store.insert_key(&new_key, &Actor::bootstrap()).await?;
+        ..MintSpec::new(owner, config.key_prefix.clone())
+    });
+    // The recovery path: an owner's ceiling or quota does not stop it.
+    let record = store
+        .insert_key(&new_key, &Actor::bootstrap(), |_| Ok(()))
+        .await?;
     tracing::info!(key_id = %record.id, owner_id = %record.owner_id, "admin key written");
     Ok((record, secret))
 }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod check;
 pub mod envoy;
+pub mod leaks;
 pub mod shed;
 pub mod status;
 
@@ -83,6 +84,12 @@ pub(crate) fn api_key_with_usage(
         last_used_at: key.last_used_at.map(timestamp),
         disabled_at: key.disabled_at.map(timestamp),
         revoked_reason: key.revoked_reason.clone().unwrap_or_default(),
+        canary: key.canary,
+        rotated_from: key
+            .rotated_from
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
+        replaced_by: key.replaced_by.map(|id| id.to_string()).unwrap_or_default(),
         daily_usage: usage
             .iter()
             .map(|(day, uses)| pb::DailyUsage {

@@ -7,7 +7,11 @@ use std::borrow::Cow;
 use tonic::{Code, Status};
 
 use crate::{
-    checker::Undecided, key::Invalid, policy::Reason, store::StoreError, telemetry::chain,
+    checker::Undecided,
+    key::Invalid,
+    policy::Reason,
+    store::{Refusal, StoreError},
+    telemetry::chain,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +24,11 @@ pub enum ApiError {
     },
     #[error("{field}: {what}")]
     NotFound {
+        field: &'static str,
+        what: &'static str,
+    },
+    #[error("{field}: {what}")]
+    AlreadyExists {
         field: &'static str,
         what: &'static str,
     },
@@ -50,6 +59,7 @@ impl From<ApiError> for Status {
         match err {
             ApiError::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
             ApiError::NotFound { .. } => Status::not_found(err.to_string()),
+            ApiError::AlreadyExists { .. } => Status::already_exists(err.to_string()),
             ApiError::Unauthenticated(msg) => Status::unauthenticated(msg),
             ApiError::PermissionDenied(msg) => Status::permission_denied(msg),
             ApiError::RateLimited(msg) => Status::resource_exhausted(msg),
@@ -63,6 +73,11 @@ impl From<ApiError> for Status {
 /// `INTERNAL` otherwise. `NotFound` is mapped by callers, who know the field.
 pub fn store_status(err: &StoreError) -> Status {
     match err {
+        StoreError::Refused(refusal) => match refusal {
+            Refusal::PermissionDenied(msg) => Status::permission_denied(msg.clone()),
+            Refusal::FailedPrecondition(msg) => Status::failed_precondition(msg.clone()),
+            Refusal::QuotaExceeded(msg) => Status::resource_exhausted(msg.clone()),
+        },
         _ if err.is_retryable() => {
             tracing::warn!(error = %chain(err), "store unavailable");
             Status::unavailable("key store unavailable; retry later")

@@ -121,6 +121,18 @@ impl Scope {
     pub const ADMIN: &'static str = "keyward:admin";
     /// Manage the keys of the management key's own owner.
     pub const OWNER: &'static str = "keyward:owner";
+
+    /// keyward's own scopes (`keyward:*`): they make a key a management key.
+    pub fn is_keyward(&self) -> bool {
+        self.0.starts_with("keyward:")
+    }
+}
+
+/// An owner's state: a suspended owner's keys are all refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OwnerState {
+    Active,
+    Suspended,
 }
 
 /// One entry of a key's IP allow list: a CIDR block without host bits, or a

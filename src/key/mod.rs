@@ -6,9 +6,11 @@
 //! `Debug` shows only the display hint, and it has no `Display`.
 
 mod fields;
+mod owner;
 mod record;
 mod secret;
 
-pub use fields::{Invalid, KeyId, Metadata, Network, OwnerId, Resource, Scope};
-pub use record::{Grant, KeyRecord, KeyState, NewKey};
+pub use fields::{Invalid, KeyId, Metadata, Network, OwnerId, OwnerState, Resource, Scope};
+pub use owner::{Ceiling, OwnerRecord};
+pub use record::{Grant, KeyRecord, KeyState, MintSpec, NewKey};
 pub use secret::{ApiKey, KeyFormatError, KeyHash, KeyPrefix};

@@ -1,6 +1,7 @@
 use chrono::{DateTime, Utc};
 
 use super::{ApiKey, KeyHash, KeyId, KeyPrefix, Metadata, Network, OwnerId, Resource, Scope};
+use crate::key::OwnerState;
 
 /// Everything known about a stored key except its secret, which is never
 /// stored. The decision is a pure function of this record and the request.
@@ -25,6 +26,13 @@ pub struct KeyRecord {
     pub revoked_at: Option<DateTime<Utc>>,
     pub revoked_reason: Option<String>,
     pub last_used_at: Option<DateTime<Utc>>,
+    pub canary: bool,
+    /// The key this one replaced (rotation), and the one replacing it.
+    pub rotated_from: Option<KeyId>,
+    pub replaced_by: Option<KeyId>,
+    /// The disable came from a `keyward:admin` key.
+    pub disabled_by_admin: bool,
+    pub owner_state: OwnerState,
 }
 
 /// A key's lifecycle state at a moment, in the order the decision checks it.
@@ -57,6 +65,11 @@ impl KeyRecord {
     pub fn state_at(&self, now: DateTime<Utc>) -> KeyState {
         state(self.revoked_at, self.expires_at, self.disabled_at, now)
     }
+
+    /// Holds a `keyward:*` scope: a management key, not a data-plane one.
+    pub fn is_management_key(&self) -> bool {
+        self.scopes.iter().any(Scope::is_keyward)
+    }
 }
 
 /// What a key may do: the part of its record that checks and their answers
@@ -75,13 +88,14 @@ pub struct Grant {
     pub expires_at: Option<DateTime<Utc>>,
     pub disabled_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The owner's state when this was read: a suspended owner's keys are
+    /// all refused.
+    pub owner_active: bool,
+    /// Refused exactly as an unknown key, and reported when presented.
+    pub canary: bool,
 }
 
 impl Grant {
-    pub fn state_at(&self, now: DateTime<Utc>) -> KeyState {
-        state(self.revoked_at, self.expires_at, self.disabled_at, now)
-    }
-
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s.as_str() == scope)
     }
@@ -122,6 +136,8 @@ impl Grant {
             expires_at: None,
             disabled_at: None,
             revoked_at: None,
+            owner_active: true,
+            canary: false,
         }
     }
 }
@@ -138,18 +154,17 @@ impl From<&KeyRecord> for Grant {
             expires_at: r.expires_at,
             disabled_at: r.disabled_at,
             revoked_at: r.revoked_at,
+            owner_active: r.owner_state == OwnerState::Active,
+            canary: r.canary,
         }
     }
 }
 
-/// A key about to be stored: validated fields plus the hash of its secret.
+/// What a new key will be: validated fields, not yet a secret.
 #[derive(Debug, Clone)]
-pub struct NewKey {
-    pub id: KeyId,
-    pub hash: KeyHash,
-    pub prefix: String,
-    pub start: String,
+pub struct MintSpec {
     pub owner_id: OwnerId,
+    pub prefix: KeyPrefix,
     pub name: String,
     pub description: String,
     pub scopes: Vec<Scope>,
@@ -157,19 +172,18 @@ pub struct NewKey {
     pub ip_allow: Vec<Network>,
     pub metadata: Metadata,
     pub expires_at: Option<DateTime<Utc>>,
+    pub canary: bool,
+    /// The key this one replaces (rotation).
+    pub rotated_from: Option<KeyId>,
 }
 
-impl NewKey {
-    /// Draws a fresh secret and the row that will store only its hash. The
-    /// optional fields start empty: no name, scopes or limits, no expiry.
-    pub fn generate(prefix: &KeyPrefix, owner_id: OwnerId) -> (ApiKey, NewKey) {
-        let secret = ApiKey::generate(prefix);
-        let new_key = NewKey {
-            id: KeyId::new_v7(),
-            hash: secret.hash(),
-            prefix: secret.prefix().to_owned(),
-            start: secret.start().to_owned(),
+impl MintSpec {
+    /// A key of `owner_id` with `prefix` and nothing else: no name, scopes
+    /// or limits, no expiry.
+    pub fn new(owner_id: OwnerId, prefix: KeyPrefix) -> Self {
+        Self {
             owner_id,
+            prefix,
             name: String::new(),
             description: String::new(),
             scopes: Vec::new(),
@@ -177,7 +191,90 @@ impl NewKey {
             ip_allow: Vec::new(),
             metadata: Metadata::default(),
             expires_at: None,
+            canary: false,
+            rotated_from: None,
+        }
+    }
+
+    /// The same grant as `key` (owner, prefix, scopes, limits, metadata,
+    /// expiry, name, canary), to replace it.
+    pub fn replacing(key: &KeyRecord) -> Result<Self, super::Invalid> {
+        Ok(Self {
+            owner_id: key.owner_id.clone(),
+            prefix: KeyPrefix::parse(&key.prefix)?,
+            name: key.name.clone(),
+            description: key.description.clone(),
+            scopes: key.scopes.clone(),
+            resources: key.resources.clone(),
+            ip_allow: key.ip_allow.clone(),
+            metadata: key.metadata.clone(),
+            expires_at: key.expires_at,
+            canary: key.canary,
+            rotated_from: Some(key.id),
+        })
+    }
+}
+
+/// A key about to be stored: its spec, plus what only the generated secret
+/// determines (hash, prefix, display hint), so the two cannot disagree.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    id: KeyId,
+    hash: KeyHash,
+    prefix: String,
+    start: String,
+    spec: MintSpec,
+}
+
+impl NewKey {
+    /// Draws a fresh secret for `spec` and the row that will store only its
+    /// hash.
+    pub fn generate(spec: MintSpec) -> (ApiKey, NewKey) {
+        let secret = ApiKey::generate(&spec.prefix);
+        let new_key = NewKey {
+            id: KeyId::new_v7(),
+            hash: secret.hash(),
+            prefix: secret.prefix().to_owned(),
+            start: secret.start().to_owned(),
+            spec,
         };
         (secret, new_key)
+    }
+
+    pub fn id(&self) -> KeyId {
+        self.id
+    }
+
+    pub fn hash(&self) -> KeyHash {
+        self.hash
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn start(&self) -> &str {
+        &self.start
+    }
+
+    pub fn spec(&self) -> &MintSpec {
+        &self.spec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_keys_hash_prefix_and_hint_come_from_its_secret() {
+        let spec = MintSpec::new(
+            OwnerId::parse("acme").unwrap(),
+            KeyPrefix::parse("kw_test").unwrap(),
+        );
+        let (secret, key) = NewKey::generate(spec);
+        assert_eq!(key.hash(), secret.hash());
+        assert_eq!(key.prefix(), "kw_test");
+        assert_eq!(key.start(), secret.start());
     }
 }

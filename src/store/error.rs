@@ -20,8 +20,26 @@ pub enum StoreError {
     Internal(#[source] sqlx::Error),
     #[error("stored row is invalid: {0}")]
     Corrupt(String),
+    /// The change breaks a rule checked on the locked row (least privilege,
+    /// the last admin key, a quota).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("migration failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+/// Why a change was refused on the row as it stands.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The caller may not do this (to this row).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The row is not in a state that allows it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The owner's quota is used up.
+    #[error("{0}")]
+    QuotaExceeded(String),
 }
 
 impl StoreError {

@@ -1,20 +1,23 @@
-use std::{collections::BTreeMap, sync::atomic::Ordering};
+use std::{collections::BTreeMap, net::IpAddr, sync::atomic::Ordering};
 
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 use serde_json::json;
-use sqlx::{PgConnection, Postgres, postgres::PgArguments, query::QueryAs, types::Json};
+use sqlx::{PgConnection, Postgres, QueryBuilder, types::Json};
 use uuid::Uuid;
 
-use super::{Store, StoreError};
+use super::{Refusal, Store, StoreError, owners::OwnerRow};
 use crate::key::{
-    Grant, KeyHash, KeyId, KeyRecord, Metadata, Network, NewKey, OwnerId, Resource, Scope,
+    Grant, KeyHash, KeyId, KeyRecord, Metadata, Network, NewKey, OwnerId, OwnerRecord, OwnerState,
+    Resource, Scope,
 };
 
-/// The columns a check needs: [`GrantRow`].
+/// The columns a check needs: [`GrantRow`]. The keys table is always `k`.
 macro_rules! grant_columns {
     () => {
-        "id, owner_id, scopes, resources, ip_allow, metadata, expires_at, disabled_at, revoked_at"
+        "k.id, k.owner_id, k.scopes, k.resources, k.ip_allow, k.metadata, k.expires_at, \
+         k.disabled_at, k.revoked_at, k.canary, \
+         (SELECT o.active FROM owners o WHERE o.id = k.owner_id) AS owner_active"
     };
 }
 
@@ -23,24 +26,30 @@ macro_rules! key_columns {
     () => {
         concat!(
             grant_columns!(),
-            ", hash, prefix, start, name, description, created_at, revoked_reason, last_used_at"
+            ", k.hash, k.prefix, k.start, k.name, k.description, k.created_at, \
+             k.revoked_reason, k.last_used_at, k.rotated_from, k.replaced_by, k.disabled_by_admin"
         )
     };
 }
 
-/// Who made an admin change, as the audit trail records it.
+/// The reason a reported leak is revoked with.
+pub const LEAKED: &str = "LEAKED";
+
+/// Who made an admin change, and from where, as the audit trail records it.
 #[derive(Debug, Clone)]
 pub struct Actor {
     key_id: Option<KeyId>,
     label: String,
+    remote: Option<IpAddr>,
 }
 
 impl Actor {
     /// A change made through the API with a management key.
-    pub fn key(id: KeyId) -> Self {
+    pub fn key(id: KeyId, remote: Option<IpAddr>) -> Self {
         Self {
             key_id: Some(id),
             label: format!("key:{id}"),
+            remote,
         }
     }
 
@@ -49,7 +58,38 @@ impl Actor {
         Self {
             key_id: None,
             label: "bootstrap".to_owned(),
+            remote: None,
         }
+    }
+
+    /// A leaked key reported from `remote` (LeakService, no management key).
+    pub fn leak_report(remote: Option<IpAddr>) -> Self {
+        Self {
+            key_id: None,
+            label: "leak-report".to_owned(),
+            remote,
+        }
+    }
+
+    /// A canary key presented from `remote`.
+    pub fn presenter(remote: Option<IpAddr>) -> Self {
+        Self {
+            key_id: None,
+            label: "presenter".to_owned(),
+            remote,
+        }
+    }
+
+    pub(super) fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub(super) fn key_uuid(&self) -> Option<Uuid> {
+        self.key_id.map(|id| id.as_uuid())
+    }
+
+    pub(super) fn remote(&self) -> Option<IpNet> {
+        self.remote.map(IpNet::from)
     }
 }
 
@@ -57,6 +97,7 @@ impl Actor {
 #[derive(Debug, Clone, Default)]
 pub struct Changed {
     pub keys: Vec<KeyHash>,
+    pub owners: Vec<OwnerId>,
 }
 
 /// One page of `List`.
@@ -77,6 +118,26 @@ pub struct Page {
     pub next: Option<KeyId>,
 }
 
+/// The fields `UpdateKey` may set; `None`: left as it is.
+#[derive(Debug, Clone, Default)]
+pub struct KeyChanges {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub metadata: Option<Metadata>,
+    pub scopes: Option<Vec<Scope>>,
+    pub resources: Option<Vec<Resource>>,
+    pub ip_allow: Option<Vec<Network>>,
+    /// `Some(None)`: no expiry.
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+/// What a rotation produced.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub old: KeyRecord,
+    pub new: KeyRecord,
+}
+
 #[derive(sqlx::FromRow)]
 struct KeyRow {
     #[sqlx(flatten)]
@@ -89,6 +150,9 @@ struct KeyRow {
     created_at: DateTime<Utc>,
     revoked_reason: Option<String>,
     last_used_at: Option<DateTime<Utc>>,
+    rotated_from: Option<Uuid>,
+    replaced_by: Option<Uuid>,
+    disabled_by_admin: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -102,6 +166,8 @@ struct GrantRow {
     expires_at: Option<DateTime<Utc>>,
     disabled_at: Option<DateTime<Utc>>,
     revoked_at: Option<DateTime<Utc>>,
+    canary: bool,
+    owner_active: Option<bool>,
 }
 
 fn corrupt(id: impl std::fmt::Display, what: &str) -> StoreError {
@@ -136,6 +202,9 @@ impl TryFrom<GrantRow> for Grant {
             expires_at: row.expires_at,
             disabled_at: row.disabled_at,
             revoked_at: row.revoked_at,
+            // The foreign key guarantees the owner exists.
+            owner_active: row.owner_active.ok_or_else(|| corrupt(row.id, "owner"))?,
+            canary: row.canary,
         })
     }
 }
@@ -165,64 +234,76 @@ impl TryFrom<KeyRow> for KeyRecord {
             revoked_at: grant.revoked_at,
             revoked_reason: row.revoked_reason,
             last_used_at: row.last_used_at,
+            canary: grant.canary,
+            rotated_from: row.rotated_from.map(KeyId::from),
+            replaced_by: row.replaced_by.map(KeyId::from),
+            disabled_by_admin: row.disabled_by_admin,
+            owner_state: if grant.owner_active {
+                OwnerState::Active
+            } else {
+                OwnerState::Suspended
+            },
         })
     }
 }
 
+/// Rules a change must pass on the row as locked: `Err` refuses it.
+pub type Guard<'a> = &'a (dyn Fn(&KeyRecord) -> Result<(), Refusal> + Sync);
+
 impl Store {
-    /// Stores a new key (creating its owner on first use) with its audit
-    /// event: one statement, hence one transaction and one round trip.
-    pub async fn insert_key(&self, new: &NewKey, actor: &Actor) -> Result<KeyRecord, StoreError> {
-        let scopes: Vec<&str> = new.scopes.iter().map(Scope::as_str).collect();
-        let resources: Vec<&str> = new.resources.iter().map(Resource::as_str).collect();
-        let details = json!({
-            "name": new.name,
-            "prefix": new.prefix,
-            "start": new.start,
-            "scopes": scopes,
-            "resources": resources,
-            "expires_at": new.expires_at.map(|at| at.to_rfc3339()),
-        });
-        let row = sqlx::query_as(concat!(
-            "WITH owner AS ( \
-                 INSERT INTO owners (id) VALUES ($5) ON CONFLICT (id) DO NOTHING \
-             ), k AS ( \
-                 INSERT INTO keys (id, hash, prefix, start, owner_id, name, description, \
-                                   scopes, resources, ip_allow, metadata, expires_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::cidr[], $11, $12) \
-                 RETURNING * \
-             ), audit AS ( \
-                 INSERT INTO audit_events (actor, actor_key_id, action, key_id, owner_id, details) \
-                 SELECT $13, $14, 'key.mint', k.id, k.owner_id, $15 FROM k \
-             ) \
-             SELECT ",
-            key_columns!(),
-            " FROM k"
-        ))
-        .bind(new.id.as_uuid())
-        .bind(new.hash.as_bytes().as_slice())
-        .bind(&new.prefix)
-        .bind(&new.start)
-        .bind(new.owner_id.as_str())
-        .bind(&new.name)
-        .bind(&new.description)
-        .bind(&scopes)
-        .bind(&resources)
-        .bind(
-            new.ip_allow
-                .iter()
-                .map(Network::as_ipnet)
-                .collect::<Vec<_>>(),
-        )
-        .bind(Json(new.metadata.as_map()))
-        .bind(new.expires_at)
-        .bind(&actor.label)
-        .bind(actor.key_id.map(|id| id.as_uuid()))
-        .bind(Json(details));
-        let row: KeyRow = self
-            .bounded(async { Ok(row.fetch_one(&self.pool).await?) })
-            .await?;
-        row.try_into()
+    /// Stores a new key with its audit event, creating its owner on first
+    /// use. `check_owner` sees the owner (its state and ceiling) and may
+    /// refuse. The owner's quota, if it has one, is enforced under a lock on
+    /// the owner's row; otherwise the insert is one statement, which fails
+    /// (and is retried once) if the owner changed after it was read.
+    pub async fn insert_key(
+        &self,
+        new: &NewKey,
+        actor: &Actor,
+        check_owner: impl Fn(&OwnerRecord) -> Result<(), StoreError>,
+    ) -> Result<KeyRecord, StoreError> {
+        self.bounded(async {
+            for _ in 0..2 {
+                let owner = self.read_or_create_owner(&new.spec().owner_id).await?;
+                check_owner(&owner)?;
+                let inserted = match owner.max_keys {
+                    None => {
+                        let mut conn = self.pool.acquire().await?;
+                        insert_key_row(&mut conn, new, actor, owner.updated_at).await?
+                    }
+                    Some(max) => {
+                        let mut tx = self.pool.begin().await?;
+                        let locked: Option<DateTime<Utc>> = sqlx::query_scalar(
+                            "SELECT updated_at FROM owners WHERE id = $1 FOR UPDATE",
+                        )
+                        .bind(owner.id.as_str())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                        if locked != Some(owner.updated_at) {
+                            continue;
+                        }
+                        let held = count_live_keys(&mut tx, &owner.id).await?;
+                        if held >= u64::from(max) {
+                            return Err(Refusal::QuotaExceeded(format!(
+                                "owner_id: the owner holds {held} keys, its quota (max_keys {max}); revoke one first"
+                            ))
+                            .into());
+                        }
+                        let row = insert_key_row(&mut tx, new, actor, owner.updated_at).await?;
+                        tx.commit().await?;
+                        row
+                    }
+                };
+                if let Some(row) = inserted {
+                    return KeyRecord::try_from(row);
+                }
+            }
+            Err(Refusal::FailedPrecondition(
+                "owner_id: the owner changed while the key was minted; retry".to_owned(),
+            )
+            .into())
+        })
+        .await
     }
 
     /// The hot path's one query on a cache miss: only what a check needs.
@@ -233,7 +314,7 @@ impl Store {
             let row: Option<GrantRow> = sqlx::query_as(concat!(
                 "SELECT ",
                 grant_columns!(),
-                " FROM keys WHERE hash = $1"
+                " FROM keys k WHERE k.hash = $1"
             ))
             .bind(hash.as_bytes().as_slice())
             .fetch_optional(&self.checks)
@@ -243,8 +324,24 @@ impl Store {
         super::within(self.lookup_timeout, lookup).await
     }
 
+    /// A key by hash, read on the admin pool whatever any cache says: how
+    /// management keys are re-checked on every admin call, and leaks found.
+    pub async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        self.stats.admin_lookups.fetch_add(1, Ordering::Relaxed);
+        let query = sqlx::query_as(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM keys k WHERE k.hash = $1"
+        ))
+        .bind(hash.as_bytes().as_slice());
+        let row: Option<KeyRow> = self
+            .bounded(async { Ok(query.fetch_optional(&self.pool).await?) })
+            .await?;
+        row.map(KeyRecord::try_from).transpose()
+    }
+
     /// The first 8 bytes of every stored key's hash, streamed (for the
-    /// membership filter), and how many rows the planner expects.
+    /// membership filter); returns how many there were.
     pub async fn key_hash_prefixes(&self, mut each: impl FnMut(u64)) -> Result<u64, StoreError> {
         use tokio_stream::StreamExt as _;
         let mut conn = self.pool.acquire().await?;
@@ -278,11 +375,11 @@ impl Store {
         .await
     }
 
-    /// Keys changed or deleted at or after `since` (database clock), for a
-    /// replica catching up after its listener was away. Keys merely created
-    /// since (`changed_at` is their creation time) are left out: an entry
-    /// filled from the new row cannot be stale, and unknown hashes are
-    /// forgotten wholesale by the caller.
+    /// Keys changed or deleted, and owners changed, at or after `since`
+    /// (database clock), for a replica catching up after its listener was
+    /// away. Keys merely created since (`changed_at` is their creation time)
+    /// are left out: an entry filled from the new row cannot be stale, and
+    /// unknown hashes are forgotten wholesale by the caller.
     pub async fn changed_since(&self, since: DateTime<Utc>) -> Result<Changed, StoreError> {
         self.bounded(async {
             let hashes: Vec<Vec<u8>> = sqlx::query_scalar(
@@ -292,11 +389,21 @@ impl Store {
             .bind(since)
             .fetch_all(&self.pool)
             .await?;
+            let owners: Vec<String> = sqlx::query_scalar(
+                "SELECT id FROM owners WHERE updated_at >= $1 AND updated_at > created_at",
+            )
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
             let keys = hashes
                 .iter()
                 .map(|h| KeyHash::from_slice(h).ok_or_else(|| corrupt("?", "hash length")))
                 .collect::<Result<_, _>>()?;
-            Ok(Changed { keys })
+            let owners = owners
+                .iter()
+                .map(|o| OwnerId::parse(o).map_err(|_| corrupt("?", "owner id")))
+                .collect::<Result<_, _>>()?;
+            Ok(Changed { keys, owners })
         })
         .await
     }
@@ -310,7 +417,7 @@ impl Store {
         let query = sqlx::query_as(concat!(
             "SELECT ",
             key_columns!(),
-            " FROM keys WHERE id = $1 AND ($2::text IS NULL OR owner_id = $2)"
+            " FROM keys k WHERE k.id = $1 AND ($2::text IS NULL OR k.owner_id = $2)"
         ))
         .bind(id.as_uuid())
         .bind(owner.map(OwnerId::as_str));
@@ -321,80 +428,303 @@ impl Store {
     }
 
     /// Revokes a key. Revoking a revoked key changes nothing and writes no
-    /// audit event; it returns the key as it is.
+    /// audit event; it returns the key as it is. The last active
+    /// `keyward:admin` key cannot be revoked.
     pub async fn revoke_key(
         &self,
         id: KeyId,
         reason: Option<&str>,
         owner: Option<&OwnerId>,
+        guard: Guard<'_>,
         actor: &Actor,
     ) -> Result<KeyRecord, StoreError> {
-        let update = sqlx::query_as(concat!(
-            "UPDATE keys SET revoked_at = now(), revoked_reason = $2 WHERE id = $1 RETURNING ",
-            key_columns!()
-        ))
-        .bind(id.as_uuid())
-        .bind(reason);
-        self.change_key(
+        self.revoke(
             id,
+            reason,
+            json!({ "reason": reason }),
             owner,
-            |current| current.revoked_at.is_some(),
-            update,
-            (actor, "key.revoke", json!({ "reason": reason })),
+            guard,
+            true,
+            actor,
         )
         .await
     }
 
-    /// Disables or re-enables a key. A no-op change writes no audit event.
-    pub async fn set_key_disabled(
+    /// Revokes a reported leak with reason `LEAKED`, recording where it was
+    /// found. A leaked key goes even if it is the last admin key: `keyward
+    /// bootstrap` is the way back in, and a leaked admin key must not work.
+    pub async fn revoke_leaked(
         &self,
         id: KeyId,
-        disabled: bool,
-        owner: Option<&OwnerId>,
+        found_at: &str,
+        guard: Guard<'_>,
         actor: &Actor,
     ) -> Result<KeyRecord, StoreError> {
-        let update = sqlx::query_as(concat!(
-            "UPDATE keys SET disabled_at = CASE WHEN $2 THEN now() END WHERE id = $1 RETURNING ",
-            key_columns!()
-        ))
-        .bind(id.as_uuid())
-        .bind(disabled);
-        let action = if disabled {
-            "key.disable"
-        } else {
-            "key.enable"
-        };
-        self.change_key(
-            id,
-            owner,
-            |current| current.disabled_at.is_some() == disabled,
-            update,
-            (actor, action, json!({})),
-        )
-        .await
+        let details = json!({ "reason": LEAKED, "found_at": found_at });
+        self.revoke(id, Some(LEAKED), details, None, guard, false, actor)
+            .await
     }
 
-    /// One change to a key's state, in one transaction: lock the row, stop
-    /// there if `unchanged` says the key already is as asked, else run
-    /// `update` and write its audit event.
-    async fn change_key<'q>(
+    #[allow(clippy::too_many_arguments)]
+    async fn revoke(
         &self,
         id: KeyId,
+        reason: Option<&str>,
+        details: serde_json::Value,
         owner: Option<&OwnerId>,
-        unchanged: impl FnOnce(&KeyRecord) -> bool,
-        update: QueryAs<'q, Postgres, KeyRow, PgArguments>,
-        (actor, action, details): (&Actor, &str, serde_json::Value),
+        guard: Guard<'_>,
+        keep_admin: bool,
+        actor: &Actor,
     ) -> Result<KeyRecord, StoreError> {
         self.bounded(async {
             let mut tx = self.pool.begin().await?;
             let current = lock_key(&mut tx, id, owner).await?;
-            if unchanged(&current) {
+            if current.revoked_at.is_some() {
                 return Ok(current);
             }
-            let record = KeyRecord::try_from(update.fetch_one(&mut *tx).await?)?;
-            audit(&mut tx, actor, action, &record, details).await?;
+            guard(&current)?;
+            if keep_admin {
+                keep_an_admin(&mut tx, &current).await?;
+            }
+            let row: KeyRow = sqlx::query_as(concat!(
+                "UPDATE keys k SET revoked_at = now(), revoked_reason = $2 WHERE k.id = $1 RETURNING ",
+                key_columns!()
+            ))
+            .bind(id.as_uuid())
+            .bind(reason)
+            .fetch_one(&mut *tx)
+            .await?;
+            let record = KeyRecord::try_from(row)?;
+            audit(&mut tx, actor, "key.revoke", &record, details).await?;
             tx.commit().await?;
             Ok(record)
+        })
+        .await
+    }
+
+    /// Disables or re-enables a key. A no-op change writes no audit event.
+    /// The last active `keyward:admin` key cannot be disabled.
+    pub async fn set_key_disabled(
+        &self,
+        id: KeyId,
+        disabled: bool,
+        by_admin: bool,
+        owner: Option<&OwnerId>,
+        guard: Guard<'_>,
+        actor: &Actor,
+    ) -> Result<KeyRecord, StoreError> {
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let current = lock_key(&mut tx, id, owner).await?;
+            if current.disabled_at.is_some() == disabled {
+                return Ok(current);
+            }
+            guard(&current)?;
+            if disabled {
+                keep_an_admin(&mut tx, &current).await?;
+            }
+            let row: KeyRow = sqlx::query_as(concat!(
+                "UPDATE keys k SET disabled_at = CASE WHEN $2 THEN now() END, \
+                 disabled_by_admin = $2 AND $3 WHERE k.id = $1 RETURNING ",
+                key_columns!()
+            ))
+            .bind(id.as_uuid())
+            .bind(disabled)
+            .bind(by_admin)
+            .fetch_one(&mut *tx)
+            .await?;
+            let record = KeyRecord::try_from(row)?;
+            let action = if disabled {
+                "key.disable"
+            } else {
+                "key.enable"
+            };
+            audit(&mut tx, actor, action, &record, json!({})).await?;
+            tx.commit().await?;
+            Ok(record)
+        })
+        .await
+    }
+
+    /// Applies `changes` to a key, with an audit event listing what changed
+    /// (from, to). `check` sees the key as locked, with the owner's record,
+    /// and may refuse. Nothing to change: the key as it is, no event.
+    pub async fn update_key(
+        &self,
+        id: KeyId,
+        changes: &KeyChanges,
+        owner: Option<&OwnerId>,
+        check: impl Fn(&KeyRecord, &OwnerRecord) -> Result<(), StoreError>,
+        actor: &Actor,
+    ) -> Result<KeyRecord, StoreError> {
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let current = lock_key(&mut tx, id, owner).await?;
+            let owner_row: OwnerRow = sqlx::query_as(concat!(
+                "SELECT ",
+                super::owners::owner_columns!(),
+                " FROM owners WHERE id = $1 FOR SHARE"
+            ))
+            .bind(current.owner_id.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            check(&current, &OwnerRecord::try_from(owner_row)?)?;
+            let diff = diff(&current, changes);
+            if diff.is_empty() {
+                return Ok(current);
+            }
+            let loses_admin = changes
+                .scopes
+                .as_ref()
+                .is_some_and(|s| !s.iter().any(|s| s.as_str() == Scope::ADMIN));
+            if loses_admin {
+                keep_an_admin(&mut tx, &current).await?;
+            }
+            let mut update = QueryBuilder::<Postgres>::new("UPDATE keys k SET ");
+            let mut set = update.separated(", ");
+            if let Some(v) = &changes.name {
+                set.push("name = ").push_bind_unseparated(v);
+            }
+            if let Some(v) = &changes.description {
+                set.push("description = ").push_bind_unseparated(v);
+            }
+            if let Some(v) = &changes.metadata {
+                set.push("metadata = ")
+                    .push_bind_unseparated(Json(v.as_map().clone()));
+            }
+            if let Some(v) = &changes.scopes {
+                let v: Vec<&str> = v.iter().map(Scope::as_str).collect();
+                set.push("scopes = ").push_bind_unseparated(v);
+            }
+            if let Some(v) = &changes.resources {
+                let v: Vec<&str> = v.iter().map(Resource::as_str).collect();
+                set.push("resources = ").push_bind_unseparated(v);
+            }
+            if let Some(v) = &changes.ip_allow {
+                let v: Vec<IpNet> = v.iter().map(Network::as_ipnet).collect();
+                set.push("ip_allow = ")
+                    .push_bind_unseparated(v)
+                    .push_unseparated("::cidr[]");
+            }
+            if let Some(v) = &changes.expires_at {
+                set.push("expires_at = ").push_bind_unseparated(*v);
+            }
+            update
+                .push(" WHERE k.id = ")
+                .push_bind(id.as_uuid())
+                .push(concat!(" RETURNING ", key_columns!()));
+            let row: KeyRow = update.build_query_as().fetch_one(&mut *tx).await?;
+            let record = KeyRecord::try_from(row)?;
+            audit(
+                &mut tx,
+                actor,
+                "key.update",
+                &record,
+                serde_json::Value::Object(diff),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(record)
+        })
+        .await
+    }
+
+    /// Replaces a key: stores `new` (the same grant, a new secret), links
+    /// both ways, and makes the old key expire at `old_expires_at` unless it
+    /// expires sooner. A key already replaced or revoked cannot be rotated.
+    pub async fn rotate_key(
+        &self,
+        new: &NewKey,
+        old_expires_at: DateTime<Utc>,
+        owner: Option<&OwnerId>,
+        guard: Guard<'_>,
+        actor: &Actor,
+    ) -> Result<Rotation, StoreError> {
+        let old_id = new
+            .spec()
+            .rotated_from
+            .ok_or_else(|| StoreError::Corrupt("a rotation without the key it replaces".into()))?;
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let current = lock_key(&mut tx, old_id, owner).await?;
+            guard(&current)?;
+            if let Some(by) = current.replaced_by {
+                return Err(Refusal::FailedPrecondition(format!(
+                    "id: the key was already rotated; its replacement is {by}"
+                ))
+                .into());
+            }
+            if current.revoked_at.is_some() {
+                return Err(Refusal::FailedPrecondition(
+                    "id: a revoked key cannot be rotated".to_owned(),
+                )
+                .into());
+            }
+            let owner_updated: DateTime<Utc> =
+                sqlx::query_scalar("SELECT updated_at FROM owners WHERE id = $1")
+                    .bind(current.owner_id.as_str())
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let new_row = insert_key_row(&mut tx, new, actor, owner_updated)
+                .await?
+                .ok_or_else(|| {
+                    StoreError::from(Refusal::FailedPrecondition(
+                        "id: the key's owner changed during the rotation; retry".to_owned(),
+                    ))
+                })?;
+            let old_row: KeyRow = sqlx::query_as(concat!(
+                "UPDATE keys k SET replaced_by = $2, \
+                 expires_at = CASE WHEN k.expires_at IS NULL OR k.expires_at > $3 THEN $3 \
+                              ELSE k.expires_at END \
+                 WHERE k.id = $1 RETURNING ",
+                key_columns!()
+            ))
+            .bind(old_id.as_uuid())
+            .bind(new.id().as_uuid())
+            .bind(old_expires_at)
+            .fetch_one(&mut *tx)
+            .await?;
+            let old = KeyRecord::try_from(old_row)?;
+            audit(
+                &mut tx,
+                actor,
+                "key.rotate",
+                &old,
+                json!({
+                    "replaced_by": new.id().to_string(),
+                    "expires_at": { "from": current.expires_at.map(|t| t.to_rfc3339()),
+                                    "to": old.expires_at.map(|t| t.to_rfc3339()) },
+                }),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Rotation {
+                old,
+                new: KeyRecord::try_from(new_row)?,
+            })
+        })
+        .await
+    }
+
+    /// Records that a canary key was presented (from `actor`'s address, for
+    /// `resource`).
+    pub async fn record_canary_trip(
+        &self,
+        key: &Grant,
+        resource: Option<&str>,
+        actor: &Actor,
+    ) -> Result<(), StoreError> {
+        self.bounded(async {
+            let mut conn = self.pool.acquire().await?;
+            audit_key(
+                &mut conn,
+                actor,
+                "key.canary_tripped",
+                key.id,
+                &key.owner_id,
+                json!({ "resource": resource }),
+            )
+            .await
         })
         .await
     }
@@ -417,9 +747,9 @@ impl Store {
                         sqlx::query_as(concat!(
                             "SELECT ",
                             key_columns!(),
-                            " FROM keys \
-                      WHERE owner_id = $1 AND id > $2 AND ($3 OR revoked_at IS NULL) \
-                      ORDER BY owner_id, id LIMIT $4"
+                            " FROM keys k \
+                              WHERE k.owner_id = $1 AND k.id > $2 AND ($3 OR k.revoked_at IS NULL) \
+                              ORDER BY k.owner_id, k.id LIMIT $4"
                         ))
                         .bind(owner.as_str())
                         .bind(after)
@@ -432,9 +762,9 @@ impl Store {
                         sqlx::query_as(concat!(
                             "SELECT ",
                             key_columns!(),
-                            " FROM keys \
-                      WHERE id > $1 AND ($2 OR revoked_at IS NULL) \
-                      ORDER BY id LIMIT $3"
+                            " FROM keys k \
+                              WHERE k.id > $1 AND ($2 OR k.revoked_at IS NULL) \
+                              ORDER BY k.id LIMIT $3"
                         ))
                         .bind(after)
                         .bind(q.include_revoked)
@@ -459,6 +789,165 @@ impl Store {
     }
 }
 
+/// Inserts a key row and its `key.mint` audit event in one statement, if
+/// the owner's row is still as it was read (`updated_at`): `None` if it
+/// changed meanwhile (a suspension, a new ceiling), so the caller re-checks.
+/// `FOR SHARE` lets concurrent mints for one owner through together while
+/// an owner update waits for them (and they for it).
+async fn insert_key_row(
+    conn: &mut PgConnection,
+    new: &NewKey,
+    actor: &Actor,
+    owner_updated_at: DateTime<Utc>,
+) -> Result<Option<KeyRow>, StoreError> {
+    let spec = new.spec();
+    let scopes: Vec<&str> = spec.scopes.iter().map(Scope::as_str).collect();
+    let resources: Vec<&str> = spec.resources.iter().map(Resource::as_str).collect();
+    let details = json!({
+        "name": spec.name,
+        "prefix": new.prefix(),
+        "start": new.start(),
+        "scopes": scopes,
+        "resources": resources,
+        "expires_at": spec.expires_at.map(|at| at.to_rfc3339()),
+        "canary": spec.canary,
+        "rotated_from": spec.rotated_from.map(|id| id.to_string()),
+    });
+    let row: Option<KeyRow> = sqlx::query_as(concat!(
+        "WITH owner AS ( \
+             SELECT id FROM owners WHERE id = $5 AND updated_at = $18 FOR SHARE \
+         ), k AS ( \
+             INSERT INTO keys (id, hash, prefix, start, owner_id, name, description, \
+                               scopes, resources, ip_allow, metadata, expires_at, canary, rotated_from) \
+             SELECT $1, $2, $3, $4, owner.id, $6, $7, $8, $9, $10::cidr[], $11, $12, $13, $14 \
+             FROM owner \
+             RETURNING * \
+         ), audit AS ( \
+             INSERT INTO audit_events (actor, actor_key_id, action, key_id, owner_id, details, remote_addr) \
+             SELECT $15, $16, 'key.mint', k.id, k.owner_id, $17, $19 FROM k \
+         ) \
+         SELECT ",
+        key_columns!(),
+        " FROM k"
+    ))
+    .bind(new.id().as_uuid())
+    .bind(new.hash().as_bytes().as_slice())
+    .bind(new.prefix())
+    .bind(new.start())
+    .bind(spec.owner_id.as_str())
+    .bind(&spec.name)
+    .bind(&spec.description)
+    .bind(&scopes)
+    .bind(&resources)
+    .bind(
+        spec.ip_allow
+            .iter()
+            .map(Network::as_ipnet)
+            .collect::<Vec<_>>(),
+    )
+    .bind(Json(spec.metadata.as_map()))
+    .bind(spec.expires_at)
+    .bind(spec.canary)
+    .bind(spec.rotated_from.map(|id| id.as_uuid()))
+    .bind(actor.label())
+    .bind(actor.key_uuid())
+    .bind(Json(details))
+    .bind(owner_updated_at)
+    .bind(actor.remote())
+    .fetch_optional(conn)
+    .await?;
+    Ok(row)
+}
+
+async fn count_live_keys(conn: &mut PgConnection, owner: &OwnerId) -> Result<u64, StoreError> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM keys WHERE owner_id = $1 AND revoked_at IS NULL \
+         AND (expires_at IS NULL OR expires_at > now())",
+    )
+    .bind(owner.as_str())
+    .fetch_one(conn)
+    .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Refuses to take away the last active `keyward:admin` key: `keyward
+/// bootstrap` would be the only way back in. Locks every active admin key
+/// (in id order), so two such changes at once cannot both pass.
+async fn keep_an_admin(conn: &mut PgConnection, target: &KeyRecord) -> Result<(), StoreError> {
+    let now = Utc::now();
+    let is_active_admin = target.scopes.iter().any(|s| s.as_str() == Scope::ADMIN)
+        && target.state_at(now) == crate::key::KeyState::Active
+        && target.owner_state == OwnerState::Active;
+    if !is_active_admin {
+        return Ok(());
+    }
+    let admins: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT k.id FROM keys k JOIN owners o ON o.id = k.owner_id \
+         WHERE 'keyward:admin' = ANY (k.scopes) AND k.revoked_at IS NULL \
+           AND k.disabled_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now()) \
+           AND o.active \
+         ORDER BY k.id FOR UPDATE OF k",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    if admins.iter().all(|id| *id == target.id.as_uuid()) {
+        return Err(Refusal::FailedPrecondition(
+            "id: this is the last active keyward:admin key; mint another admin key first \
+             (`keyward bootstrap` writes one when none is left)"
+                .to_owned(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// `field: {from, to}` for every field `changes` sets to a new value.
+fn diff(current: &KeyRecord, changes: &KeyChanges) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    let mut put = |field: &str, from: serde_json::Value, to: serde_json::Value| {
+        if from != to {
+            out.insert(field.to_owned(), json!({ "from": from, "to": to }));
+        }
+    };
+    let strings = |v: &[String]| json!(v);
+    if let Some(v) = &changes.name {
+        put("name", json!(current.name), json!(v));
+    }
+    if let Some(v) = &changes.description {
+        put("description", json!(current.description), json!(v));
+    }
+    if let Some(v) = &changes.metadata {
+        put(
+            "metadata",
+            json!(current.metadata.as_map()),
+            json!(v.as_map()),
+        );
+    }
+    if let Some(v) = &changes.scopes {
+        let from: Vec<String> = current.scopes.iter().map(ToString::to_string).collect();
+        let to: Vec<String> = v.iter().map(ToString::to_string).collect();
+        put("scopes", strings(&from), strings(&to));
+    }
+    if let Some(v) = &changes.resources {
+        let from: Vec<String> = current.resources.iter().map(ToString::to_string).collect();
+        let to: Vec<String> = v.iter().map(ToString::to_string).collect();
+        put("resources", strings(&from), strings(&to));
+    }
+    if let Some(v) = &changes.ip_allow {
+        let from: Vec<String> = current.ip_allow.iter().map(ToString::to_string).collect();
+        let to: Vec<String> = v.iter().map(ToString::to_string).collect();
+        put("ip_allow", strings(&from), strings(&to));
+    }
+    if let Some(v) = &changes.expires_at {
+        put(
+            "expires_at",
+            json!(current.expires_at.map(|t| t.to_rfc3339())),
+            json!(v.map(|t| t.to_rfc3339())),
+        );
+    }
+    out
+}
+
 async fn lock_key(
     conn: &mut PgConnection,
     id: KeyId,
@@ -467,7 +956,7 @@ async fn lock_key(
     let row: KeyRow = sqlx::query_as(concat!(
         "SELECT ",
         key_columns!(),
-        " FROM keys WHERE id = $1 AND ($2::text IS NULL OR owner_id = $2) FOR UPDATE"
+        " FROM keys k WHERE k.id = $1 AND ($2::text IS NULL OR k.owner_id = $2) FOR UPDATE OF k"
     ))
     .bind(id.as_uuid())
     .bind(owner.map(OwnerId::as_str))
@@ -476,23 +965,35 @@ async fn lock_key(
     row.try_into()
 }
 
-async fn audit(
+pub(super) async fn audit(
     conn: &mut PgConnection,
     actor: &Actor,
     action: &str,
     key: &KeyRecord,
     details: serde_json::Value,
 ) -> Result<(), StoreError> {
+    audit_key(conn, actor, action, key.id, &key.owner_id, details).await
+}
+
+async fn audit_key(
+    conn: &mut PgConnection,
+    actor: &Actor,
+    action: &str,
+    key_id: KeyId,
+    owner_id: &OwnerId,
+    details: serde_json::Value,
+) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO audit_events (actor, actor_key_id, action, key_id, owner_id, details) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO audit_events (actor, actor_key_id, action, key_id, owner_id, details, remote_addr) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
-    .bind(&actor.label)
-    .bind(actor.key_id.map(|id| id.as_uuid()))
+    .bind(actor.label())
+    .bind(actor.key_uuid())
     .bind(action)
-    .bind(key.id.as_uuid())
-    .bind(key.owner_id.as_str())
+    .bind(key_id.as_uuid())
+    .bind(owner_id.as_str())
     .bind(Json(details))
+    .bind(actor.remote())
     .execute(conn)
     .await?;
     Ok(())

@@ -1,9 +1,11 @@
 //! PostgreSQL persistence with sqlx. Only hashes of keys are stored. Every
 //! admin change writes its audit event in the same transaction.
 
+mod audit;
 mod error;
 mod keys;
 mod notify;
+mod owners;
 mod usage;
 
 use std::{
@@ -22,9 +24,11 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-pub use error::StoreError;
-pub use keys::{Actor, Changed, ListQuery, Page};
+pub use audit::{AuditEvent, AuditPage, AuditQuery};
+pub use error::{Refusal, StoreError};
+pub use keys::{Actor, Changed, Guard, KeyChanges, LEAKED, ListQuery, Page, Rotation};
 pub use notify::{CHANNEL, Heard, Invalidation, Listener, Notice};
+pub use owners::{OwnerChanges, OwnerPage};
 pub use usage::UsageWrite;
 
 /// The embedded migrations. A database may hold migrations this binary
@@ -142,13 +146,20 @@ impl ConnectionHealth {
 #[derive(Debug, Default)]
 pub struct StoreStats {
     key_lookups: AtomicU64,
+    admin_lookups: AtomicU64,
     usage_writes: AtomicU64,
 }
 
 impl StoreStats {
-    /// `SELECT`s of a key by hash (cache misses and revalidations).
+    /// `SELECT`s of a key by hash for checks (cache misses, revalidations).
     pub fn key_lookups(&self) -> u64 {
         self.key_lookups.load(Ordering::Relaxed)
+    }
+
+    /// Reads of a key by hash for the admin plane (management keys re-read
+    /// on every call, leak reports).
+    pub fn admin_lookups(&self) -> u64 {
+        self.admin_lookups.load(Ordering::Relaxed)
     }
 
     /// Batched usage statements (each one `UPDATE` of `keys` plus upserts).

@@ -11,7 +11,7 @@ use sqlx::{
 };
 
 use super::{Store, StoreError};
-use crate::key::KeyHash;
+use crate::key::{KeyHash, OwnerId};
 
 pub const CHANNEL: &str = "keyward_invalidate";
 
@@ -32,6 +32,8 @@ pub enum Notice {
     Inserted(KeyHash),
     /// Many keys were created at once: reload the membership filter.
     Resync,
+    /// This owner changed: re-read its keys before using them again.
+    Owner(OwnerId),
 }
 
 /// What a listener heard.
@@ -115,7 +117,8 @@ impl Listener {
 }
 
 /// Payloads of the triggers in migrations/: `{"hash": "<hex>", "at_us": n}`
-/// (a change), with `"op": "insert"` (a new key), or `{"op": "resync"}`.
+/// (a change), with `"op": "insert"` (a new key), `{"op": "resync"}`, or
+/// `{"op": "owner", "owner": "<id>"}`.
 fn parse(payload: &str) -> Option<Invalidation> {
     let v: serde_json::Value = serde_json::from_str(payload).ok()?;
     let at = v
@@ -127,6 +130,7 @@ fn parse(payload: &str) -> Option<Invalidation> {
         None => Notice::Changed(hash()?),
         Some(Some("insert")) => Notice::Inserted(hash()?),
         Some(Some("resync")) => Notice::Resync,
+        Some(Some("owner")) => Notice::Owner(OwnerId::parse(v.get("owner")?.as_str()?).ok()?),
         Some(_) => return None,
     };
     Some(Invalidation { what, at })
@@ -164,6 +168,8 @@ mod tests {
         assert_eq!(n.what, Notice::Inserted(changed));
         let n = parse(r#"{"op": "resync", "at_us": 1}"#).unwrap();
         assert_eq!(n.what, Notice::Resync);
+        let n = parse(r#"{"op": "owner", "owner": "acme", "at_us": 1}"#).unwrap();
+        assert_eq!(n.what, Notice::Owner(OwnerId::parse("acme").unwrap()));
     }
 
     #[test]

@@ -615,6 +615,125 @@ async fn a_host_header_naming_another_resource_gains_nothing() {
     assert_eq!(code(&opted, orders_only).await, 0);
 }
 
+#[tokio::test]
+async fn a_suspended_owners_key_gets_403_through_envoy_on_two_replicas_until_resumed() {
+    let a = spawn_app().await;
+    let b = spawn_replica(&a, &[]).await;
+    let upstream = Upstream::start().await;
+    let envoys = [
+        start_envoy(a.addr, upstream.addr, false).await,
+        start_envoy(b.addr, upstream.addr, false).await,
+    ];
+    let (key, _) = mint(&a, &["invoices:read"], &[]).await;
+    for envoy in &envoys {
+        assert_eq!(
+            get(envoy, "/billing/invoices", &[("x-api-key", &key)])
+                .await
+                .status,
+            200
+        );
+    }
+
+    crate::lifecycle::set_owner_state(&a, "acme", pb::owner::State::Suspended, "unpaid").await;
+    for envoy in &envoys {
+        let answer = eventually_status(envoy, &key, 403).await;
+        answer.assert_denied(403, "OWNER_INACTIVE");
+    }
+    crate::lifecycle::set_owner_state(&a, "acme", pb::owner::State::Active, "").await;
+    for envoy in &envoys {
+        eventually_status(envoy, &key, 200).await;
+    }
+}
+
+/// The answer through `envoy` once it has `status`, within a second.
+async fn eventually_status(envoy: &Envoy, key: &str, status: u16) -> Answer {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let answer = get(envoy, "/billing/invoices", &[("x-api-key", key)]).await;
+        if answer.status == status {
+            return answer;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {} instead of {status}: {answer:?}",
+            answer.status
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_canary_keys_denial_through_envoy_is_byte_identical_to_an_unknown_keys() {
+    let app = spawn_app().await;
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy(app.addr, upstream.addr, false).await;
+    let canary = app
+        .mint(pb::MintRequest {
+            owner_id: "acme".into(),
+            canary: true,
+            ..Default::default()
+        })
+        .await;
+    let logs = crate::helpers::CapturedLogs::start();
+    let tripped = get(
+        &envoy,
+        "/billing/invoices",
+        &[("x-api-key", &canary.secret)],
+    )
+    .await;
+    let unknown = get(
+        &envoy,
+        "/billing/invoices",
+        &[("x-api-key", never_minted().expose_secret())],
+    )
+    .await;
+    tripped.assert_denied(401, "UNKNOWN_KEY");
+    assert_eq!(tripped.status, unknown.status);
+    assert_eq!(tripped.body, unknown.body);
+    let without_date = |h: &HeaderMap| {
+        let mut v: Vec<(String, Vec<u8>)> = h
+            .iter()
+            .filter(|(k, _)| k.as_str() != "date")
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        without_date(&tripped.headers),
+        without_date(&unknown.headers)
+    );
+    assert!(upstream.requests().is_empty());
+
+    let id = canary.key.expect("key").id;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_events WHERE key_id = $1::uuid AND action = 'key.canary_tripped' \
+         AND details->>'resource' = 'billing' AND host(remote_addr) = '127.0.0.1'",
+    )
+    .bind(&id)
+    .fetch_one(&app.db)
+    .await
+    .expect("audit");
+    let n = if n == 1 {
+        n
+    } else {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sqlx::query_scalar(
+            "SELECT count(*) FROM audit_events WHERE key_id = $1::uuid AND action = 'key.canary_tripped'",
+        )
+        .bind(&id)
+        .fetch_one(&app.db)
+        .await
+        .expect("audit")
+    };
+    assert_eq!(n, 1, "one audit event for the presentation");
+    let line = logs.find("canary key presented").expect("a WARN line");
+    assert!(
+        line.contains("127.0.0.1") && line.contains("billing"),
+        "{line}"
+    );
+}
+
 #[test]
 fn every_port_in_the_example_config_is_swapped() {
     let template = std::fs::read_to_string(repo().join("deploy/envoy/envoy.yaml")).expect("read");

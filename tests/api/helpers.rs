@@ -4,7 +4,11 @@ use clap::Parser as _;
 use keyward::{
     config::Config,
     key::ApiKey,
-    pb::{self, check_service_client::CheckServiceClient, key_service_client::KeyServiceClient},
+    pb::{
+        self, audit_service_client::AuditServiceClient, check_service_client::CheckServiceClient,
+        key_service_client::KeyServiceClient, leak_service_client::LeakServiceClient,
+        owner_service_client::OwnerServiceClient,
+    },
     startup::{self, ReplicaHandle, StartupError},
     telemetry,
 };
@@ -37,6 +41,9 @@ pub struct TestApp {
     pub admin_id: String,
     pub keys: KeyServiceClient<Channel>,
     pub checks: CheckServiceClient<Channel>,
+    pub owners: OwnerServiceClient<Channel>,
+    pub audit: AuditServiceClient<Channel>,
+    pub leaks: LeakServiceClient<Channel>,
     // Sending (or dropping) stops the server.
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), StartupError>>>,
@@ -125,7 +132,10 @@ async fn start(
         admin_key,
         admin_id,
         keys: KeyServiceClient::new(running.channel.clone()),
-        checks: CheckServiceClient::new(running.channel),
+        checks: CheckServiceClient::new(running.channel.clone()),
+        owners: OwnerServiceClient::new(running.channel.clone()),
+        audit: AuditServiceClient::new(running.channel.clone()),
+        leaks: LeakServiceClient::new(running.channel),
         shutdown: Some(running.stop),
         server: Some(running.server),
     }
@@ -155,7 +165,23 @@ pub fn never_minted() -> ApiKey {
     ApiKey::generate(&keyward::key::KeyPrefix::parse("kw_live").expect("prefix"))
 }
 
+/// A server's gRPC clients, cheap to clone.
+#[derive(Clone)]
+pub struct Clients {
+    pub keys: KeyServiceClient<Channel>,
+    pub owners: OwnerServiceClient<Channel>,
+    pub audit: AuditServiceClient<Channel>,
+}
+
 impl TestApp {
+    pub fn clients(&self) -> Clients {
+        Clients {
+            keys: self.keys.clone(),
+            owners: self.owners.clone(),
+            audit: self.audit.clone(),
+        }
+    }
+
     /// Stops the server the way SIGTERM does, and waits until it has exited.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -252,4 +278,46 @@ impl TestApp {
 
 pub fn reason(resp: &pb::CheckResponse) -> pb::Reason {
     resp.reason()
+}
+
+/// Log lines written while this is alive, on this thread (the tests'
+/// runtime runs the server's tasks on the test's own thread).
+pub struct CapturedLogs {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+struct LogWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    pub fn start() -> Self {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || LogWriter(sink.clone()))
+            .finish();
+        Self {
+            lines,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    /// The first line containing `needle`.
+    pub fn find(&self, needle: &str) -> Option<String> {
+        let all = String::from_utf8_lossy(&self.lines.lock().expect("log buffer")).into_owned();
+        all.lines().find(|l| l.contains(needle)).map(str::to_owned)
+    }
 }

@@ -140,7 +140,7 @@ async fn the_readme_run_command_and_grpcurl_walkthrough_work_verbatim() {
     let paragraphs = walkthrough_paragraphs(&readme);
     assert_eq!(
         paragraphs.len(),
-        6,
+        9,
         "the walkthrough's steps changed; update this test"
     );
 
@@ -196,6 +196,29 @@ async fn the_readme_run_command_and_grpcurl_walkthrough_work_verbatim() {
     );
     assert_eq!(denied["reason"], "REVOKED");
     assert_eq!(denied["httpStatus"], 401);
+
+    // 6. Rotation: a new secret, both keys linked.
+    let rotated = json(&outputs[6]);
+    let new_secret = rotated["secret"].as_str().expect("new secret");
+    assert!(new_secret.starts_with("kw_live_"));
+    let old_id = rotated["previous"]["id"].as_str().expect("old id");
+    assert_eq!(rotated["key"]["rotatedFrom"], old_id);
+    assert_eq!(rotated["previous"]["replacedBy"], rotated["key"]["id"]);
+    assert_eq!(rotated["key"]["scopes"][0], "invoices:read");
+    assert!(
+        rotated["previous"]["expiresAt"].is_string(),
+        "the old key expires"
+    );
+
+    // 7. Suspended: the new key answers OWNER_INACTIVE.
+    let suspended = json(&outputs[7]);
+    assert_eq!(suspended["reason"], "OWNER_INACTIVE");
+    assert_eq!(suspended["httpStatus"], 403);
+
+    // 8. Resumed: allowed again.
+    let resumed = json(&outputs[8]);
+    assert_eq!(resumed["allowed"], true);
+    assert_eq!(resumed["reason"], "OK");
 
     // SIGTERM: the server drains and exits cleanly within its grace period.
     let pid = server.id().expect("server pid").to_string();

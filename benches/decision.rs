@@ -10,7 +10,7 @@ use chrono::Utc;
 use divan::{Bencher, black_box};
 use keyward::{
     cache::{CacheSettings, CachedKey, KeyCache, Lookup},
-    checker::{Cached, Checker, CheckerSettings},
+    checker::{Cached, Checker, CheckerSettings, Limiting},
     filter::KeyFilter,
     key::{ApiKey, Grant, KeyHash, KeyId, KeyPrefix, Metadata, OwnerId, Resource, Scope},
     policy::{self, Reason},
@@ -79,6 +79,7 @@ fn fixture() -> &'static Fixture {
                 revoked_at: None,
                 owner_active: true,
                 canary: false,
+                limits: None,
             };
             cache.fill(cache.ticket(&key.hash()), key.hash(), Some(grant.clone()));
             hashes.push(key.hash());
@@ -88,9 +89,10 @@ fn fixture() -> &'static Fixture {
         let checker = Checker::new(
             cache.clone(),
             Arc::new(KeyFilter::default()),
-            store,
+            store.clone(),
             Arc::new(UsageRecorder::default()),
             CheckerSettings::default(),
+            Limiting::in_memory(store),
         );
         Fixture {
             checker,
@@ -117,6 +119,7 @@ fn request() -> policy::Request<'static> {
         resource: Some("billing"),
         required_scopes: &SCOPES,
         client_ip: Some("10.1.2.3".parse().expect("ip")),
+        cost: 1,
     }
 }
 

@@ -241,3 +241,22 @@ ensure_private_servers() {
   command -v redis-server >/dev/null || { say "no redis-server"; return 1; }
   [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null || { say "no pgbouncer"; return 1; }
 }
+
+# Redis 7 at 127.0.0.1:6379, for KEYWARD_REDIS_URL=redis://127.0.0.1:6379
+# (exact rate limits across replicas): start it if it is installed but not
+# answering, install it if it is missing. Tests that stop Redis start their
+# own (tests/support/private.rs); this one keeps nothing on disk.
+ensure_redis() {
+  redis_answers 6379 && return 0
+  command -v redis-server >/dev/null || apt_install redis-server
+  redis_answers 6379 && return 0
+  say "starting Redis on 127.0.0.1:6379"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --dir /tmp --logfile /tmp/keyward-redis.log >&2
+  for _ in $(seq 1 40); do
+    redis_answers 6379 && return 0
+    sleep 0.25
+  done
+  say "Redis did not come up at 127.0.0.1:6379"
+  return 1
+}

@@ -119,7 +119,11 @@ pub struct KeyCache {
     ttl: Duration,
     /// `ttl + stale_if_error`: past this an entry is never served.
     hard: Duration,
+    /// Per shard: changes to keys (spoil every fill in flight)...
     generations: Arc<[AtomicU64]>,
+    /// ...and creations of keys (spoil only fills that found nothing: a
+    /// fill that found the new key is right).
+    creations: Arc<[AtomicU64]>,
     origin: Instant,
     /// Entries loaded before `origin` + this many nanoseconds must be re-read
     /// before use; 0: none.
@@ -135,6 +139,7 @@ pub struct KeyCache {
 pub struct Ticket {
     shard: usize,
     generation: u64,
+    creations: u64,
     owner_changes: u64,
 }
 
@@ -168,6 +173,7 @@ impl KeyCache {
             ttl: settings.ttl,
             hard: settings.ttl.saturating_add(settings.stale_if_error),
             generations: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
+            creations: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             origin: Instant::now(),
             revalidate_before: Arc::new(AtomicU64::new(0)),
             owner_epochs: (0..OWNER_SHARDS).map(|_| AtomicU32::new(0)).collect(),
@@ -228,6 +234,7 @@ impl KeyCache {
         Ticket {
             shard,
             generation: self.generations[shard].load(Ordering::SeqCst),
+            creations: self.creations[shard].load(Ordering::SeqCst),
             owner_changes: self.owner_changes.load(Ordering::SeqCst),
         }
     }
@@ -240,6 +247,7 @@ impl KeyCache {
         hash: KeyHash,
         found: Option<Grant>,
     ) -> Option<Arc<CachedKey>> {
+        let found_nothing = found.is_none();
         let entry = match found {
             Some(grant) => {
                 let owner = owner_shard(&grant.owner_id);
@@ -262,6 +270,8 @@ impl KeyCache {
         };
         if self.generations[ticket.shard].load(Ordering::SeqCst) != ticket.generation
             || self.owner_changes.load(Ordering::SeqCst) != ticket.owner_changes
+            || (found_nothing
+                && self.creations[ticket.shard].load(Ordering::SeqCst) != ticket.creations)
         {
             self.evict(&hash);
         }
@@ -286,16 +296,17 @@ impl KeyCache {
     }
 
     /// A key with this hash was just created: forget that it was unknown
-    /// (a known entry, filled from the new row, stays).
+    /// (a known entry, filled from the new row, stays, and so does a fill of
+    /// it in flight).
     pub fn forget_unknown(&self, hash: &KeyHash) {
-        self.bump(hash);
+        self.creations[shard(hash)].fetch_add(1, Ordering::SeqCst);
         self.unknown.invalidate(hash);
     }
 
     /// Many keys were created at once: forget every unknown hash.
     pub fn forget_all_unknown(&self) {
-        for generation in self.generations.iter() {
-            generation.fetch_add(1, Ordering::SeqCst);
+        for creations in self.creations.iter() {
+            creations.fetch_add(1, Ordering::SeqCst);
         }
         self.unknown.invalidate_all();
     }
@@ -437,6 +448,19 @@ mod tests {
         assert!(cache.get(&b).is_none(), "unknown hashes are forgotten");
         cache.fill(cache.ticket(&a_hash), a_hash, Some(a));
         assert!(matches!(cache.get(&a_hash), Some(Lookup::Fresh(_))));
+    }
+
+    #[test]
+    fn a_new_key_spoils_only_fills_that_found_nothing() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let ((found, rec), (missing, _)) = (record(), record());
+        let (t_found, t_missing) = (cache.ticket(&found), cache.ticket(&missing));
+        cache.forget_unknown(&found);
+        cache.forget_unknown(&missing);
+        cache.fill(t_found, found, Some(rec));
+        cache.fill(t_missing, missing, None);
+        assert!(matches!(cache.get(&found), Some(Lookup::Fresh(_))));
+        assert!(cache.get(&missing).is_none(), "the key may exist now");
     }
 
     #[test]

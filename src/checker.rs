@@ -21,13 +21,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::Utc;
 use tokio::sync::watch;
 
 use crate::{
     cache::{CachedKey, KeyCache, Lookup, Ticket},
     filter::KeyFilter,
-    key::{ApiKey, Grant, KeyHash, KeyId, OwnerId},
+    key::{ApiKey, Grant, KeyHash, KeyId, Limits, OwnerId},
+    limits::{
+        LimitReport,
+        credits::{Clock, CreditBook, NotSpent},
+        rate::RateLimiter,
+    },
     policy::{self, Decision, Reason},
     store::{Store, StoreError},
     throttle::{Source, SourceThrottle, ThrottleSettings},
@@ -39,6 +43,8 @@ use crate::{
 pub struct Outcome {
     pub decision: Decision,
     entry: Option<Arc<CachedKey>>,
+    /// How the key's rate limits and credits stand, if it has any.
+    pub limits: Option<LimitReport>,
 }
 
 impl Outcome {
@@ -52,6 +58,7 @@ impl Outcome {
         Self {
             decision: Decision::new(reason),
             entry: None,
+            limits: None,
         }
     }
 
@@ -59,7 +66,13 @@ impl Outcome {
         Self {
             decision: Decision::source_blocked(retry_after),
             entry: None,
+            limits: None,
         }
+    }
+
+    /// The key's limits, as its grant declares them.
+    pub fn declared_limits(&self) -> Option<&Limits> {
+        self.key().and_then(|g| g.limits.as_deref())
     }
 }
 
@@ -153,6 +166,27 @@ impl CheckerStats {
 
 type Loaded = Result<Option<Arc<CachedKey>>, Undecided>;
 
+/// What enforces limits after an allow.
+#[derive(Debug, Clone)]
+pub struct Limiting {
+    pub rate: RateLimiter,
+    pub credits: CreditBook,
+    /// Decisions and credit periods go by this clock (tests inject one).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Limiting {
+    /// Rate limits in memory (the whole limit per replica), credits in
+    /// `store`, the system clock.
+    pub fn in_memory(store: Store) -> Self {
+        Self {
+            rate: RateLimiter::local(1.0),
+            credits: CreditBook::new(store, 1000),
+            clock: Arc::new(crate::limits::credits::SystemClock),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Checker {
     inner: Arc<Inner>,
@@ -171,6 +205,9 @@ struct Inner {
     unknown_budget: Budget,
     /// Background re-reads of stale entries allowed at once.
     refreshes: Arc<tokio::sync::Semaphore>,
+    rate: RateLimiter,
+    credits: CreditBook,
+    clock: Arc<dyn Clock>,
     /// Canary keys reported in the last second.
     canary_reports: moka::sync::Cache<KeyId, ()>,
     stats: CheckerStats,
@@ -186,9 +223,13 @@ impl Checker {
         store: Store,
         usage: Arc<UsageRecorder>,
         settings: CheckerSettings,
+        limiting: Limiting,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                rate: limiting.rate,
+                credits: limiting.credits,
+                clock: limiting.clock,
                 cache,
                 filter,
                 store,
@@ -256,6 +297,14 @@ impl Checker {
             self.canary_tripped(&entry.grant, request.resource, client);
             // Exactly what a never-minted key gets: nothing about the key.
             outcome = Outcome::denied(Reason::UnknownKey);
+        }
+        if outcome.decision.allowed()
+            && outcome
+                .entry
+                .as_ref()
+                .is_some_and(|e| e.grant.limits.is_some())
+        {
+            outcome = self.enforce_limits(outcome, request).await?;
         }
         if outcome.decision.is_failed_presentation() && self.inner.throttle.failed(source, now) {
             self.inner
@@ -400,15 +449,69 @@ impl Checker {
     }
 
     fn decide(&self, entry: &Arc<CachedKey>, request: &policy::Request<'_>) -> Outcome {
-        let now = Utc::now();
+        let now = self.inner.clock.now();
         let decision = policy::decide(&entry.grant, request, now);
-        if decision.allowed() {
+        // A key with limits counts as used only once they allow it.
+        if decision.allowed() && entry.grant.limits.is_none() {
             self.inner.usage.record(entry, now);
         }
         Outcome {
             decision,
             entry: Some(entry.clone()),
+            limits: None,
         }
+    }
+
+    /// Credits first (a refusal there spends no rate limit), then rate limits
+    /// (a refusal there gives the credits back): a refused request counts
+    /// nowhere.
+    async fn enforce_limits(
+        &self,
+        mut outcome: Outcome,
+        request: &policy::Request<'_>,
+    ) -> Result<Outcome, Undecided> {
+        let Some(entry) = outcome.entry.clone() else {
+            return Ok(outcome);
+        };
+        let Some(limits) = entry.grant.limits.clone() else {
+            return Ok(outcome);
+        };
+        let inner = &*self.inner;
+        let cost = request.cost.max(1);
+        let now = inner.clock.now();
+        let mut report = LimitReport::default();
+        if limits.credits {
+            match inner.credits.spend(limits.bucket, cost, now).await {
+                Ok(left) => report.credits_remaining = Some(left),
+                Err(NotSpent::Exhausted { next_refill }) => {
+                    let retry = next_refill.and_then(|at| (at - now).to_std().ok());
+                    report.credits_remaining = Some(0);
+                    outcome.decision = Decision::usage_exceeded(retry);
+                    outcome.limits = Some(report);
+                    return Ok(outcome);
+                }
+                Err(NotSpent::Store(err)) => {
+                    self.log_failure(&err);
+                    return Err(Undecided::from(&err));
+                }
+            }
+        }
+        if !limits.windows.is_empty() {
+            let decision = inner.rate.check(&limits, cost).await;
+            report.windows = decision.windows;
+            if !decision.allowed {
+                if limits.credits {
+                    inner.credits.refund(limits.bucket, cost).await;
+                    report.credits_remaining = report.credits_remaining.map(|c| c + cost);
+                }
+                outcome.decision = Decision::rate_limited(decision.retry_after);
+                outcome.limits = Some(report);
+                return Ok(outcome);
+            }
+        }
+        inner.usage.record(&entry, now);
+        outcome.limits = Some(report);
+        Ok(outcome)
     }
 
     /// A canary key was presented: a WARN line with where from and for what,
@@ -463,6 +566,14 @@ impl Checker {
     /// An owner this replica just changed: its keys are re-read before use.
     pub fn invalidate_owner(&self, owner: &OwnerId) {
         self.inner.cache.invalidate_owner(owner);
+    }
+
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.inner.rate
+    }
+
+    pub fn credits(&self) -> &CreditBook {
+        &self.inner.credits
     }
 }
 

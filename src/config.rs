@@ -175,6 +175,42 @@ pub struct Config {
     #[arg(long, env = "KEYWARD_BRUTE_FORCE_COOLDOWN", default_value = "1m", value_parser = humantime::parse_duration, global = true)]
     pub brute_force_cooldown: Duration,
 
+    /// Redis for exact rate limits across replicas (e.g.
+    /// `redis://127.0.0.1:6379`); unset: each replica enforces limits in
+    /// memory (see `--rate-limit-local-share`).
+    #[arg(long, env = "KEYWARD_REDIS_URL", hide_env_values = true, global = true)]
+    pub redis_url: Option<String>,
+
+    /// How long a rate-limited check waits for Redis before it falls back to
+    /// the replica's own limits.
+    #[arg(long, env = "KEYWARD_REDIS_TIMEOUT", default_value = "50ms", value_parser = humantime::parse_duration, global = true)]
+    pub redis_timeout: std::time::Duration,
+
+    /// This replica's share of each rate limit when limits are kept in
+    /// memory (no Redis, or Redis unreachable): 1 lets every replica allow
+    /// the whole limit; 1/N for N replicas keeps the cluster at or under it.
+    #[arg(
+        long,
+        env = "KEYWARD_RATE_LIMIT_LOCAL_SHARE",
+        default_value_t = 1.0,
+        global = true
+    )]
+    pub rate_limit_local_share: f64,
+
+    /// The most credits one replica reserves at a time from a key's balance.
+    #[arg(
+        long,
+        env = "KEYWARD_CREDIT_BLOCK_MAX",
+        default_value_t = 1000,
+        global = true
+    )]
+    pub credit_block_max: u64,
+
+    /// Also send X-RateLimit-Limit, -Remaining and -Reset (of the window
+    /// closest to its limit) through Envoy, for clients that read those.
+    #[arg(long, env = "KEYWARD_X_RATELIMIT_HEADERS", default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    pub x_ratelimit_headers: bool,
+
     /// Leak reports (LeakService, no management key) one client address may
     /// make per minute.
     #[arg(

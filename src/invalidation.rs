@@ -34,6 +34,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::{
     cache::KeyCache,
     filter::KeyFilter,
+    limits::credits::CreditBook,
     store::{Heard, Listener, Notice, Store, StoreError},
     telemetry::chain,
 };
@@ -83,6 +84,7 @@ pub struct Listening {
     pub lag: Arc<LagStats>,
     /// Subtracted from the last moment known to be heard, when catching up.
     pub catchup_margin: Duration,
+    pub credits: CreditBook,
 }
 
 /// Starts the listener. The receiver counts `LISTEN` sessions established
@@ -228,6 +230,7 @@ async fn apply(l: &Listening, what: Notice, at: Option<DateTime<Utc>>) -> Result
             l.cache.invalidate_owner(&owner);
             tracing::info!(owner_id = %owner, "owner changed; its keys are re-read before use");
         }
+        Notice::Credits(bucket) => l.credits.forget(&bucket),
     }
     Ok(())
 }

@@ -19,6 +19,8 @@
 //! - [`filter`] — the membership filter that refuses never-minted keys
 //!   without a lookup.
 //! - [`throttle`] — brute-force protection per client address.
+//! - [`limits`] — rate limits (local or Redis GCRA) and usage credits
+//!   (reserved from PostgreSQL in blocks), enforced after an allow.
 //! - [`invalidation`] — the `LISTEN` task that keeps every replica's cache
 //!   fresh.
 //! - [`usage`] — in-memory usage counts, flushed in batches.
@@ -36,6 +38,7 @@ pub mod config;
 pub mod filter;
 pub mod invalidation;
 pub mod key;
+pub mod limits;
 pub mod net;
 pub mod pb;
 pub mod policy;

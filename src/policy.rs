@@ -23,6 +23,7 @@ pub enum Reason {
     ResourceForbidden,
     ScopeMissing,
     RateLimited,
+    UsageExceeded,
     Ok,
 }
 
@@ -45,7 +46,7 @@ impl Reason {
             | Reason::IpForbidden
             | Reason::ResourceForbidden
             | Reason::ScopeMissing => 403,
-            Reason::RateLimited => 429,
+            Reason::RateLimited | Reason::UsageExceeded => 429,
         }
     }
 
@@ -64,6 +65,7 @@ impl Reason {
             Reason::ResourceForbidden => "RESOURCE_FORBIDDEN",
             Reason::ScopeMissing => "SCOPE_MISSING",
             Reason::RateLimited => "RATE_LIMITED",
+            Reason::UsageExceeded => "USAGE_EXCEEDED",
         }
     }
 
@@ -81,6 +83,7 @@ impl Reason {
             Reason::ResourceForbidden => "the API key is not valid for this resource",
             Reason::ScopeMissing => "the API key lacks a required scope",
             Reason::RateLimited => "the API key is over its rate limit",
+            Reason::UsageExceeded => "the API key's usage credits are spent",
         }
     }
 }
@@ -109,6 +112,24 @@ impl Decision {
             reason,
             message: Cow::Owned(message),
             retry_after: None,
+        }
+    }
+
+    /// Over a rate limit: refused until `retry_after`.
+    pub fn rate_limited(retry_after: Duration) -> Self {
+        Self {
+            reason: Reason::RateLimited,
+            message: Cow::Borrowed(Reason::RateLimited.default_message()),
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// The key's credits are spent; with a refill, until it comes.
+    pub fn usage_exceeded(retry_after: Option<Duration>) -> Self {
+        Self {
+            reason: Reason::UsageExceeded,
+            message: Cow::Borrowed(Reason::UsageExceeded.default_message()),
+            retry_after,
         }
     }
 
@@ -143,6 +164,9 @@ pub struct Request<'a> {
     /// All of these must be held.
     pub required_scopes: &'a [&'a str],
     pub client_ip: Option<IpAddr>,
+    /// Credits an allowed check spends (and uses it counts against rate
+    /// limits); 0 counts as 1.
+    pub cost: u64,
 }
 
 /// Decides for a key that exists. Credential presence, format and existence
@@ -407,6 +431,7 @@ mod tests {
             resource: Some("orders"),
             required_scopes: &scopes,
             client_ip: Some("192.0.2.1".parse().unwrap()),
+            cost: 1,
         };
         assert_eq!(reason(&key, &req), Reason::IpForbidden);
         let req = Request {
@@ -449,6 +474,7 @@ mod tests {
             resource: Some("orders"),
             required_scopes: &scopes,
             client_ip: None,
+            cost: 1,
         };
         let now = Utc::now();
         let (decision, verdicts) = explain(&key, &req, now);

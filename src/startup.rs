@@ -22,11 +22,15 @@ use crate::{
         shed::InFlight,
     },
     cache::KeyCache,
-    checker::{Checker, CheckerSettings},
+    checker::{Checker, CheckerSettings, Limiting},
     config::Config,
     filter::KeyFilter,
     invalidation::{self, LagStats, Listening},
     key::{ApiKey, KeyRecord, MintSpec, NewKey, OwnerId, Scope},
+    limits::{
+        credits::{Clock, CreditBook, SystemClock},
+        rate::{RateLimiter, RateSettings},
+    },
     net::Coalescing,
     pb::{
         self, audit_service_server::AuditServiceServer, check_service_server::CheckServiceServer,
@@ -56,6 +60,8 @@ pub enum StartupError {
     Owner(crate::key::Invalid),
     #[error("cannot listen for cache invalidations")]
     Listen,
+    #[error("invalid --redis-url")]
+    Redis(#[source] redis::RedisError),
 }
 
 /// A built server, bound to its port, listening for invalidations, but not
@@ -145,11 +151,13 @@ struct Background {
     stop: watch::Sender<bool>,
     flusher: Option<JoinHandle<()>>,
     listener: JoinHandle<()>,
+    returner: JoinHandle<()>,
 }
 
 impl Drop for Background {
     fn drop(&mut self) {
         self.listener.abort();
+        self.returner.abort();
         if let Some(flusher) = &self.flusher {
             flusher.abort();
         }
@@ -161,6 +169,15 @@ impl Application {
     /// invalidations, binds the gRPC address and wires the services. Port 0
     /// binds a free port; see [`Application::port`].
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
+        Self::build_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// [`Application::build`] with decisions and credit periods on `clock`
+    /// (tests move time forward without waiting).
+    pub async fn build_with_clock(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StartupError> {
         let instance = format!("{:08x}", rand::random::<u32>());
         let db = DbOptions {
             application_name: format!("keyward {instance}"),
@@ -181,6 +198,13 @@ impl Application {
         let cache = KeyCache::new(&config.cache());
         let filter = Arc::new(KeyFilter::default());
         let lag = Arc::new(LagStats::default());
+        let credits = CreditBook::new(store.clone(), config.credit_block_max);
+        let rate = RateLimiter::new(&RateSettings {
+            redis_url: config.redis_url.clone(),
+            redis_timeout: config.redis_timeout,
+            local_share: config.rate_limit_local_share,
+        })
+        .map_err(StartupError::Redis)?;
         let (listener_task, listen_sessions) = invalidation::spawn(Listening {
             store: store.clone(),
             cache: cache.clone(),
@@ -188,6 +212,7 @@ impl Application {
             application_name: format!("keyward-listener {instance}"),
             lag: lag.clone(),
             catchup_margin: config.catchup_margin,
+            credits: credits.clone(),
         });
         let recorder = Arc::new(UsageRecorder::default());
         let (stop, stop_rx) = watch::channel(false);
@@ -198,10 +223,12 @@ impl Application {
             config.usage_flush_timeout,
             stop_rx,
         );
+        let returner = credits.spawn_returner(stop.subscribe());
         let background = Background {
             stop,
             flusher: Some(flusher),
             listener: listener_task,
+            returner,
         };
         let checker = Checker::new(
             cache,
@@ -218,6 +245,11 @@ impl Application {
                 },
                 // Half the check connections: the rest stays for misses.
                 background_refreshes: (config.db_check_connections as usize / 2).max(1),
+            },
+            Limiting {
+                rate,
+                credits: credits.clone(),
+                clock,
             },
         );
         let replica = ReplicaHandle {
@@ -266,6 +298,7 @@ impl Application {
             envoy: EnvoyOptions {
                 dynamic_metadata: config.envoy_dynamic_metadata,
                 host_as_resource: config.envoy_host_as_resource,
+                x_ratelimit_headers: config.x_ratelimit_headers,
             },
             transport: Transport {
                 max_concurrent_streams: config.max_concurrent_streams,
@@ -374,7 +407,23 @@ impl Application {
                 tracing::warn!(grace = ?shutdown_grace, "grace period over with calls still in flight; exiting");
             }
         }
-        // Write the usage recorded so far (bounded: the database may be down).
+        // Give back unspent credit reservations and write the usage recorded
+        // so far (bounded: the database may be down).
+        match tokio::time::timeout(
+            FINAL_FLUSH_TIMEOUT,
+            replica.checker.credits().give_back(Duration::ZERO),
+        )
+        .await
+        {
+            Ok(Ok(n)) if n > 0 => {
+                tracing::info!(buckets = n, "unspent credit reservations returned")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %crate::telemetry::chain(&err), "cannot return credit reservations")
+            }
+            Err(_) => tracing::warn!("returning credit reservations timed out"),
+        }
         let _ = background.stop.send(true);
         if let Some(flusher) = background.flusher.take()
             && tokio::time::timeout(FINAL_FLUSH_TIMEOUT, flusher)

@@ -93,6 +93,7 @@ pub fn keyward_check(key: &str) -> pb::CheckRequest {
         resource: "billing".into(),
         required_scopes: vec!["invoices:read".into()],
         client_ip: String::new(),
+        cost: 0,
     }
 }
 

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use tonic::{Request, Response, Status};
 
 use super::{
-    duration, reason_pb,
+    duration, exact_duration, reason_pb,
     status::{ApiError, undecided_status},
 };
 use crate::{checker::Checker, key::Invalid, pb, policy};
@@ -41,6 +41,7 @@ impl pb::check_service_server::CheckService for CheckApi {
             resource: Some(req.resource.as_str()).filter(|r| !r.is_empty()),
             required_scopes: &scopes,
             client_ip,
+            cost: req.cost,
         };
         let outcome = self
             .checker
@@ -57,6 +58,23 @@ impl pb::check_service_server::CheckService for CheckApi {
             retry_after: decision.retry_after.map(duration),
             ..Default::default()
         };
+        if let (Some(limits), Some(report)) = (outcome.declared_limits(), &outcome.limits) {
+            resp.limits = limits
+                .windows
+                .iter()
+                .zip(&report.windows)
+                .map(|(w, state)| pb::LimitState {
+                    name: w.name().to_owned(),
+                    limit: w.limit(),
+                    window: Some(exact_duration(w.window())),
+                    remaining: state.remaining,
+                    reset: Some(exact_duration(state.reset)),
+                })
+                .collect();
+            resp.credits_remaining = report
+                .credits_remaining
+                .map(|c| i64::try_from(c).unwrap_or(i64::MAX));
+        }
         if let Some(key) = outcome.key() {
             resp.key_id = key.id.to_string();
             resp.owner_id = key.owner_id.to_string();

@@ -18,7 +18,7 @@
 //!   are stripped and every `x-keyward-*` header is set (overwriting what a
 //!   client sent) before the request goes upstream.
 
-use std::{borrow::Cow, collections::HashMap, net::IpAddr};
+use std::{borrow::Cow, collections::HashMap, fmt::Write as _, net::IpAddr};
 
 use envoy_types::{
     ext_authz::v3::{
@@ -71,6 +71,8 @@ pub struct EnvoyOptions {
     pub dynamic_metadata: bool,
     /// Whether a route without a `resource` takes the Host header instead.
     pub host_as_resource: bool,
+    /// Whether answers also carry X-RateLimit-Limit/-Remaining/-Reset.
+    pub x_ratelimit_headers: bool,
 }
 
 impl EnvoyApi {
@@ -113,6 +115,7 @@ impl Authorization for EnvoyApi {
                     resource,
                     required_scopes: &scopes,
                     client_ip: client,
+                    cost: 1,
                 };
                 self.checker
                     .check(credential.as_deref(), &policy_req, client)
@@ -120,10 +123,7 @@ impl Authorization for EnvoyApi {
                     .map_err(undecided_status)?
             }
         };
-        Ok(Response::new(respond(
-            &outcome,
-            self.options.dynamic_metadata,
-        )))
+        Ok(Response::new(respond(&outcome, &self.options)))
     }
 }
 
@@ -214,7 +214,50 @@ fn client_ip(
     }
 }
 
-fn respond(outcome: &Outcome, with_metadata: bool) -> CheckResponse {
+/// The RateLimit headers of an answer (draft-ietf-httpapi-ratelimit-headers):
+/// `RateLimit-Policy` (prebuilt per key) and `RateLimit` (this answer's),
+/// and on request the older X-RateLimit-* trio for the window closest to
+/// its limit.
+fn rate_limit_headers(outcome: &Outcome, x_headers: bool) -> Vec<(&'static str, String)> {
+    let (Some(limits), Some(report)) = (outcome.declared_limits(), &outcome.limits) else {
+        return Vec::new();
+    };
+    if limits.windows.is_empty() || report.windows.len() != limits.windows.len() {
+        return Vec::new();
+    }
+    let mut current = String::new();
+    for (i, (w, state)) in limits.windows.iter().zip(&report.windows).enumerate() {
+        if i > 0 {
+            current.push_str(", ");
+        }
+        // Seconds until the window is full again, rounded up.
+        let reset = if state.reset.is_zero() {
+            0
+        } else {
+            retry_after_secs(state.reset)
+        };
+        let _ = write!(current, "\"{}\";r={};t={reset}", w.name(), state.remaining);
+    }
+    let mut headers = vec![
+        ("ratelimit-policy", limits.policy_header.to_string()),
+        ("ratelimit", current),
+    ];
+    if x_headers
+        && let Some((w, state)) = limits
+            .windows
+            .iter()
+            .zip(&report.windows)
+            .min_by_key(|(w, state)| state.remaining.saturating_mul(1000) / w.limit().max(1))
+    {
+        headers.push(("x-ratelimit-limit", w.limit().to_string()));
+        headers.push(("x-ratelimit-remaining", state.remaining.to_string()));
+        headers.push(("x-ratelimit-reset", state.reset.as_secs().to_string()));
+    }
+    headers
+}
+
+fn respond(outcome: &Outcome, options: &EnvoyOptions) -> CheckResponse {
+    let with_metadata = options.dynamic_metadata;
     let reason = outcome.decision.reason;
     let key = outcome.key();
     let key_id = key.map(|k| k.id.to_string());
@@ -249,6 +292,15 @@ fn respond(outcome: &Outcome, with_metadata: bool) -> CheckResponse {
         for name in CREDENTIAL_HEADERS {
             ok.remove_header(name);
         }
+        // Added to the response Envoy sends the client.
+        for (name, value) in rate_limit_headers(outcome, options.x_ratelimit_headers) {
+            ok.add_response_header(
+                name,
+                value,
+                Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+                false,
+            );
+        }
         HttpResponse::OkResponse(ok.build())
     } else {
         let status = reason.http_status();
@@ -265,6 +317,9 @@ fn respond(outcome: &Outcome, with_metadata: bool) -> CheckResponse {
                 overwrite,
                 false,
             );
+        }
+        for (name, value) in rate_limit_headers(outcome, options.x_ratelimit_headers) {
+            denied.add_header(name, value, overwrite, false);
         }
         if status == 401 {
             // RFC 6750: a presented but unusable token is "invalid_token".
@@ -416,9 +471,17 @@ mod tests {
         assert_eq!(strip_port("127.0.0.1:10000"), "127.0.0.1");
     }
 
+    fn options(dynamic_metadata: bool) -> EnvoyOptions {
+        EnvoyOptions {
+            dynamic_metadata,
+            host_as_resource: false,
+            x_ratelimit_headers: false,
+        }
+    }
+
     #[test]
     fn denials_carry_status_body_and_headers() {
-        let resp = respond(&Outcome::denied(Reason::MissingKey), true);
+        let resp = respond(&Outcome::denied(Reason::MissingKey), &options(true));
         assert_eq!(
             resp.status.as_ref().map(|s| s.code),
             Some(tonic::Code::Unauthenticated as i32)
@@ -449,10 +512,10 @@ mod tests {
 
     #[test]
     fn dynamic_metadata_can_be_left_out() {
-        let with = respond(&Outcome::denied(Reason::MissingKey), true);
+        let with = respond(&Outcome::denied(Reason::MissingKey), &options(true));
         let fields = &with.dynamic_metadata.expect("metadata").fields;
         assert!(fields.contains_key("keyward_reason"));
-        let without = respond(&Outcome::denied(Reason::MissingKey), false);
+        let without = respond(&Outcome::denied(Reason::MissingKey), &options(false));
         assert!(without.dynamic_metadata.is_none());
     }
 }

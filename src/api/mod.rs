@@ -12,7 +12,7 @@ pub mod status;
 use chrono::{DateTime, NaiveDate, Utc};
 
 use crate::{
-    key::{KeyRecord, KeyState},
+    key::{Credits, KeyRecord, KeyState, RateLimit, RefillInterval},
     pb,
     policy::Reason,
 };
@@ -90,6 +90,13 @@ pub(crate) fn api_key_with_usage(
             .map(|id| id.to_string())
             .unwrap_or_default(),
         replaced_by: key.replaced_by.map(|id| id.to_string()).unwrap_or_default(),
+        rate_limits: key
+            .rate_limits
+            .iter()
+            .flatten()
+            .map(rate_limit_pb)
+            .collect(),
+        credits: key.credits.map(credits_pb),
         daily_usage: usage
             .iter()
             .map(|(day, uses)| pb::DailyUsage {
@@ -97,6 +104,39 @@ pub(crate) fn api_key_with_usage(
                 uses: *uses,
             })
             .collect(),
+    }
+}
+
+pub(crate) fn rate_limit_pb(limit: &RateLimit) -> pb::RateLimit {
+    pb::RateLimit {
+        name: limit.name().to_owned(),
+        limit: limit.limit(),
+        window: Some(exact_duration(limit.window())),
+    }
+}
+
+pub(crate) fn credits_pb(credits: Credits) -> pb::Credits {
+    pb::Credits {
+        remaining: i64::try_from(credits.remaining).unwrap_or(i64::MAX),
+        refill: credits
+            .refill
+            .map(|(interval, amount)| pb::credits::Refill {
+                interval: match interval {
+                    RefillInterval::Daily => pb::credits::refill::Interval::Daily,
+                    RefillInterval::Monthly => pb::credits::refill::Interval::Monthly,
+                }
+                .into(),
+                amount,
+            }),
+    }
+}
+
+/// A duration on the wire, as it is.
+pub(crate) fn exact_duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        // Below 1e9, so it fits.
+        nanos: d.subsec_nanos() as i32,
     }
 }
 
@@ -114,6 +154,7 @@ pub(crate) fn reason_pb(reason: Reason) -> pb::Reason {
         Reason::ResourceForbidden => pb::Reason::ResourceForbidden,
         Reason::ScopeMissing => pb::Reason::ScopeMissing,
         Reason::RateLimited => pb::Reason::RateLimited,
+        Reason::UsageExceeded => pb::Reason::UsageExceeded,
     }
 }
 

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Invalid, Metadata, OwnerId, OwnerState, Resource, Scope};
+use super::{Invalid, Metadata, OwnerId, OwnerState, RateLimit, Resource, Scope};
 
 /// An owner as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +15,8 @@ pub struct OwnerRecord {
     pub ceiling: Ceiling,
     /// Most keys held at once (neither revoked nor expired); `None`: any.
     pub max_keys: Option<u32>,
+    /// The rate limits of its keys that declare none.
+    pub default_rate_limits: Option<Vec<RateLimit>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

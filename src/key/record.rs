@@ -1,6 +1,11 @@
 use chrono::{DateTime, Utc};
 
-use super::{ApiKey, KeyHash, KeyId, KeyPrefix, Metadata, Network, OwnerId, Resource, Scope};
+use std::sync::Arc;
+
+use super::{
+    ApiKey, Credits, KeyHash, KeyId, KeyPrefix, Limits, Metadata, Network, OwnerId, RateLimit,
+    Resource, Scope,
+};
 use crate::key::OwnerState;
 
 /// Everything known about a stored key except its secret, which is never
@@ -33,6 +38,13 @@ pub struct KeyRecord {
     /// The disable came from a `keyward:admin` key.
     pub disabled_by_admin: bool,
     pub owner_state: OwnerState,
+    /// Where its limits and credits are kept (shared along a rotation).
+    pub bucket_id: KeyId,
+    /// Its own rate limits; `None`: the owner's default.
+    pub rate_limits: Option<Vec<RateLimit>>,
+    pub owner_rate_limits: Option<Vec<RateLimit>>,
+    /// Its bucket's credits, if any.
+    pub credits: Option<Credits>,
 }
 
 /// A key's lifecycle state at a moment, in the order the decision checks it.
@@ -93,6 +105,8 @@ pub struct Grant {
     pub owner_active: bool,
     /// Refused exactly as an unknown key, and reported when presented.
     pub canary: bool,
+    /// Rate limits and credits to enforce after an allow; `None`: none.
+    pub limits: Option<Arc<Limits>>,
 }
 
 impl Grant {
@@ -138,6 +152,7 @@ impl Grant {
             revoked_at: None,
             owner_active: true,
             canary: false,
+            limits: None,
         }
     }
 }
@@ -156,6 +171,15 @@ impl From<&KeyRecord> for Grant {
             revoked_at: r.revoked_at,
             owner_active: r.owner_state == OwnerState::Active,
             canary: r.canary,
+            limits: Limits::new(
+                r.bucket_id,
+                r.rate_limits
+                    .clone()
+                    .or_else(|| r.owner_rate_limits.clone())
+                    .unwrap_or_default(),
+                r.credits.is_some(),
+            )
+            .map(Arc::new),
         }
     }
 }
@@ -175,6 +199,14 @@ pub struct MintSpec {
     pub canary: bool,
     /// The key this one replaces (rotation).
     pub rotated_from: Option<KeyId>,
+    /// `None`: the owner's default.
+    pub rate_limits: Option<Vec<RateLimit>>,
+    /// Credits of a new bucket; a rotation shares its predecessor's.
+    pub credits: Option<Credits>,
+    /// The bucket to share (rotation); `None`: a bucket of its own.
+    pub bucket: Option<KeyId>,
+    /// A rotation: whether the shared bucket has credits.
+    pub bucket_has_credits: bool,
 }
 
 impl MintSpec {
@@ -193,6 +225,10 @@ impl MintSpec {
             expires_at: None,
             canary: false,
             rotated_from: None,
+            rate_limits: None,
+            credits: None,
+            bucket: None,
+            bucket_has_credits: false,
         }
     }
 
@@ -211,6 +247,10 @@ impl MintSpec {
             expires_at: key.expires_at,
             canary: key.canary,
             rotated_from: Some(key.id),
+            rate_limits: key.rate_limits.clone(),
+            credits: None,
+            bucket: Some(key.bucket_id),
+            bucket_has_credits: key.credits.is_some(),
         })
     }
 }

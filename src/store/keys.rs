@@ -1,4 +1,8 @@
-use std::{collections::BTreeMap, net::IpAddr, sync::atomic::Ordering};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{Arc, atomic::Ordering},
+};
 
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
@@ -8,8 +12,8 @@ use uuid::Uuid;
 
 use super::{Refusal, Store, StoreError, owners::OwnerRow};
 use crate::key::{
-    Grant, KeyHash, KeyId, KeyRecord, Metadata, Network, NewKey, OwnerId, OwnerRecord, OwnerState,
-    Resource, Scope,
+    Credits, Grant, KeyHash, KeyId, KeyRecord, Limits, Metadata, Network, NewKey, OwnerId,
+    OwnerRecord, OwnerState, RateLimit, RefillInterval, Resource, Scope,
 };
 
 /// The columns a check needs: [`GrantRow`]. The keys table is always `k`.
@@ -17,7 +21,9 @@ macro_rules! grant_columns {
     () => {
         "k.id, k.owner_id, k.scopes, k.resources, k.ip_allow, k.metadata, k.expires_at, \
          k.disabled_at, k.revoked_at, k.canary, \
-         (SELECT o.active FROM owners o WHERE o.id = k.owner_id) AS owner_active"
+         (SELECT o.active FROM owners o WHERE o.id = k.owner_id) AS owner_active, \
+         COALESCE(k.bucket_id, k.id) AS bucket_id, k.rate_limits, k.has_credits, \
+         (SELECT o.default_rate_limits FROM owners o WHERE o.id = k.owner_id) AS owner_rate_limits"
     };
 }
 
@@ -27,7 +33,13 @@ macro_rules! key_columns {
         concat!(
             grant_columns!(),
             ", k.hash, k.prefix, k.start, k.name, k.description, k.created_at, \
-             k.revoked_reason, k.last_used_at, k.rotated_from, k.replaced_by, k.disabled_by_admin"
+             k.revoked_reason, k.last_used_at, k.rotated_from, k.replaced_by, k.disabled_by_admin, \
+             (SELECT c.remaining FROM credits c WHERE c.bucket_id = COALESCE(k.bucket_id, k.id)) \
+                 AS credits_remaining, \
+             (SELECT c.refill_interval FROM credits c WHERE c.bucket_id = COALESCE(k.bucket_id, k.id)) \
+                 AS credits_refill_interval, \
+             (SELECT c.refill_amount FROM credits c WHERE c.bucket_id = COALESCE(k.bucket_id, k.id)) \
+                 AS credits_refill_amount"
         )
     };
 }
@@ -129,6 +141,12 @@ pub struct KeyChanges {
     pub ip_allow: Option<Vec<Network>>,
     /// `Some(None)`: no expiry.
     pub expires_at: Option<Option<DateTime<Utc>>>,
+    /// `Some(None)`: the owner's default.
+    pub rate_limits: Option<Option<Vec<RateLimit>>>,
+    /// Sets the bucket's credits; `Some(None)`: no credits.
+    pub credits: Option<Option<Credits>>,
+    /// Adds to the bucket's credits (never below zero).
+    pub add_credits: Option<i64>,
 }
 
 /// What a rotation produced.
@@ -153,6 +171,9 @@ struct KeyRow {
     rotated_from: Option<Uuid>,
     replaced_by: Option<Uuid>,
     disabled_by_admin: bool,
+    credits_remaining: Option<i64>,
+    credits_refill_interval: Option<String>,
+    credits_refill_amount: Option<i64>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -168,6 +189,22 @@ struct GrantRow {
     revoked_at: Option<DateTime<Utc>>,
     canary: bool,
     owner_active: Option<bool>,
+    bucket_id: Uuid,
+    rate_limits: Option<Json<Vec<RateLimit>>>,
+    has_credits: bool,
+    owner_rate_limits: Option<Json<Vec<RateLimit>>>,
+}
+
+impl GrantRow {
+    fn limits(&self) -> Option<Arc<Limits>> {
+        let windows = self
+            .rate_limits
+            .as_ref()
+            .or(self.owner_rate_limits.as_ref())
+            .map(|w| w.0.clone())
+            .unwrap_or_default();
+        Limits::new(self.bucket_id.into(), windows, self.has_credits).map(Arc::new)
+    }
 }
 
 fn corrupt(id: impl std::fmt::Display, what: &str) -> StoreError {
@@ -192,6 +229,7 @@ impl TryFrom<GrantRow> for Grant {
     type Error = StoreError;
 
     fn try_from(row: GrantRow) -> Result<Self, Self::Error> {
+        let limits = row.limits();
         Ok(Grant {
             id: row.id.into(),
             owner_id: OwnerId::parse(&row.owner_id).map_err(|_| corrupt(row.id, "owner_id"))?,
@@ -205,6 +243,7 @@ impl TryFrom<GrantRow> for Grant {
             // The foreign key guarantees the owner exists.
             owner_active: row.owner_active.ok_or_else(|| corrupt(row.id, "owner"))?,
             canary: row.canary,
+            limits,
         })
     }
 }
@@ -213,6 +252,23 @@ impl TryFrom<KeyRow> for KeyRecord {
     type Error = StoreError;
 
     fn try_from(row: KeyRow) -> Result<Self, Self::Error> {
+        let bucket_id = KeyId::from(row.grant.bucket_id);
+        let rate_limits = row.grant.rate_limits.as_ref().map(|w| w.0.clone());
+        let owner_rate_limits = row.grant.owner_rate_limits.as_ref().map(|w| w.0.clone());
+        let credits = match row.credits_remaining {
+            None => None,
+            Some(remaining) => Some(Credits {
+                remaining: u64::try_from(remaining).unwrap_or(0),
+                refill: match (&row.credits_refill_interval, row.credits_refill_amount) {
+                    (Some(interval), Some(amount)) => Some((
+                        RefillInterval::parse(interval)
+                            .ok_or_else(|| corrupt(row.grant.id, "refill interval"))?,
+                        u64::try_from(amount).unwrap_or(0),
+                    )),
+                    _ => None,
+                },
+            }),
+        };
         let grant = Grant::try_from(row.grant)?;
         let hash =
             KeyHash::from_slice(&row.hash).ok_or_else(|| corrupt(grant.id, "hash length"))?;
@@ -243,6 +299,10 @@ impl TryFrom<KeyRow> for KeyRecord {
             } else {
                 OwnerState::Suspended
             },
+            bucket_id,
+            rate_limits,
+            owner_rate_limits,
+            credits,
         })
     }
 }
@@ -609,11 +669,34 @@ impl Store {
             if let Some(v) = &changes.expires_at {
                 set.push("expires_at = ").push_bind_unseparated(*v);
             }
+            if let Some(v) = &changes.rate_limits {
+                set.push("rate_limits = ")
+                    .push_bind_unseparated(v.as_ref().map(|w| Json(w.clone())));
+            }
+            // The credits flag changes on every key of the bucket (below);
+            // setting it here too keeps the statement non-empty.
+            if let Some(v) = &changes.credits {
+                set.push("has_credits = ")
+                    .push_bind_unseparated(v.is_some());
+            }
+            if changes.add_credits.is_some() && set_is_empty(changes) {
+                set.push("has_credits = has_credits");
+            }
             update
                 .push(" WHERE k.id = ")
                 .push_bind(id.as_uuid())
                 .push(concat!(" RETURNING ", key_columns!()));
-            let row: KeyRow = update.build_query_as().fetch_one(&mut *tx).await?;
+            let _: KeyRow = update.build_query_as().fetch_one(&mut *tx).await?;
+            let bucket = current.bucket_id.as_uuid();
+            apply_credit_changes(&mut tx, bucket, &current, changes).await?;
+            let row: KeyRow = sqlx::query_as(concat!(
+                "SELECT ",
+                key_columns!(),
+                " FROM keys k WHERE k.id = $1"
+            ))
+            .bind(id.as_uuid())
+            .fetch_one(&mut *tx)
+            .await?;
             let record = KeyRecord::try_from(row)?;
             audit(
                 &mut tx,
@@ -813,15 +896,23 @@ async fn insert_key_row(
         "canary": spec.canary,
         "rotated_from": spec.rotated_from.map(|id| id.to_string()),
     });
+    // A new bucket's credits row goes in with the key, in the same statement.
+    let credits = spec.credits;
     let row: Option<KeyRow> = sqlx::query_as(concat!(
         "WITH owner AS ( \
              SELECT id FROM owners WHERE id = $5 AND updated_at = $18 FOR SHARE \
          ), k AS ( \
              INSERT INTO keys (id, hash, prefix, start, owner_id, name, description, \
-                               scopes, resources, ip_allow, metadata, expires_at, canary, rotated_from) \
-             SELECT $1, $2, $3, $4, owner.id, $6, $7, $8, $9, $10::cidr[], $11, $12, $13, $14 \
+                               scopes, resources, ip_allow, metadata, expires_at, canary, rotated_from, \
+                               bucket_id, rate_limits, has_credits) \
+             SELECT $1, $2, $3, $4, owner.id, $6, $7, $8, $9, $10::cidr[], $11, $12, $13, $14, \
+                    $20, $21, $22 \
              FROM owner \
              RETURNING * \
+         ), c AS ( \
+             INSERT INTO credits (bucket_id, remaining, refill_interval, refill_amount, refilled_at) \
+             SELECT k.id, $23, $24, $25, CASE WHEN $24::text IS NULL THEN NULL ELSE $26::timestamptz END \
+             FROM k WHERE $23::bigint IS NOT NULL \
          ), audit AS ( \
              INSERT INTO audit_events (actor, actor_key_id, action, key_id, owner_id, details, remote_addr) \
              SELECT $15, $16, 'key.mint', k.id, k.owner_id, $17, $19 FROM k \
@@ -854,9 +945,32 @@ async fn insert_key_row(
     .bind(Json(details))
     .bind(owner_updated_at)
     .bind(actor.remote())
+    .bind(spec.bucket.map(|b| b.as_uuid()))
+    .bind(spec.rate_limits.as_ref().map(|w| Json(w.clone())))
+    .bind(spec.bucket_has_credits || credits.is_some())
+    .bind(credits.map(|c| i64::try_from(c.remaining).unwrap_or(i64::MAX)))
+    .bind(credits.and_then(|c| c.refill).map(|(i, _)| i.as_str()))
+    .bind(
+        credits
+            .and_then(|c| c.refill)
+            .map(|(_, amount)| i64::try_from(amount).unwrap_or(i64::MAX)),
+    )
+    .bind(
+        credits
+            .and_then(|c| c.refill)
+            .map(|(interval, _)| interval.period_start(Utc::now())),
+    )
     .fetch_optional(conn)
     .await?;
-    Ok(row)
+    // The statement's one snapshot cannot see its own credits row.
+    Ok(row.map(|mut row| {
+        if let Some(c) = credits {
+            row.credits_remaining = Some(i64::try_from(c.remaining).unwrap_or(i64::MAX));
+            row.credits_refill_interval = c.refill.map(|(i, _)| i.as_str().to_owned());
+            row.credits_refill_amount = c.refill.map(|(_, a)| i64::try_from(a).unwrap_or(i64::MAX));
+        }
+        row
+    }))
 }
 
 async fn count_live_keys(conn: &mut PgConnection, owner: &OwnerId) -> Result<u64, StoreError> {
@@ -897,6 +1011,87 @@ async fn keep_an_admin(conn: &mut PgConnection, target: &KeyRecord) -> Result<()
                 .to_owned(),
         )
         .into());
+    }
+    Ok(())
+}
+
+/// Whether `changes` sets no column of the key row itself.
+fn set_is_empty(changes: &KeyChanges) -> bool {
+    changes.name.is_none()
+        && changes.description.is_none()
+        && changes.metadata.is_none()
+        && changes.scopes.is_none()
+        && changes.resources.is_none()
+        && changes.ip_allow.is_none()
+        && changes.expires_at.is_none()
+        && changes.rate_limits.is_none()
+        && changes.credits.is_none()
+}
+
+/// Sets, removes or adds to a bucket's credits. A set (or removal) bumps the
+/// version, whose notice makes every replica drop the blocks it reserved;
+/// an addition does not (reserved blocks stay good).
+async fn apply_credit_changes(
+    conn: &mut PgConnection,
+    bucket: Uuid,
+    current: &KeyRecord,
+    changes: &KeyChanges,
+) -> Result<(), StoreError> {
+    match &changes.credits {
+        Some(Some(c)) => {
+            let refill = c.refill;
+            sqlx::query(
+                "INSERT INTO credits (bucket_id, remaining, refill_interval, refill_amount, refilled_at) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (bucket_id) DO UPDATE SET remaining = EXCLUDED.remaining, \
+                     refill_interval = EXCLUDED.refill_interval, \
+                     refill_amount = EXCLUDED.refill_amount, refilled_at = EXCLUDED.refilled_at, \
+                     version = credits.version + 1",
+            )
+            .bind(bucket)
+            .bind(i64::try_from(c.remaining).unwrap_or(i64::MAX))
+            .bind(refill.map(|(i, _)| i.as_str()))
+            .bind(refill.map(|(_, a)| i64::try_from(a).unwrap_or(i64::MAX)))
+            .bind(refill.map(|(i, _)| i.period_start(Utc::now())))
+            .execute(&mut *conn)
+            .await?;
+        }
+        Some(None) => {
+            // Deleting notifies nobody: the flag on the keys below does.
+            sqlx::query("DELETE FROM credits WHERE bucket_id = $1")
+                .bind(bucket)
+                .execute(&mut *conn)
+                .await?;
+        }
+        None => {}
+    }
+    if let Some(c) = &changes.credits {
+        sqlx::query(
+            "UPDATE keys SET has_credits = $2 WHERE COALESCE(bucket_id, id) = $1 AND has_credits <> $2",
+        )
+        .bind(bucket)
+        .bind(c.is_some())
+        .execute(&mut *conn)
+        .await?;
+    }
+    if let Some(n) = changes.add_credits {
+        let has = changes
+            .credits
+            .as_ref()
+            .map_or(current.credits.is_some(), Option::is_some);
+        if !has {
+            return Err(Refusal::FailedPrecondition(
+                "add_credits: the key has no credits; set them with `credits` first".to_owned(),
+            )
+            .into());
+        }
+        sqlx::query(
+            "UPDATE credits SET remaining = GREATEST(0, remaining + $2) WHERE bucket_id = $1",
+        )
+        .bind(bucket)
+        .bind(n)
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(())
 }
@@ -944,6 +1139,27 @@ fn diff(current: &KeyRecord, changes: &KeyChanges) -> serde_json::Map<String, se
             json!(current.expires_at.map(|t| t.to_rfc3339())),
             json!(v.map(|t| t.to_rfc3339())),
         );
+    }
+    if let Some(v) = &changes.rate_limits {
+        put("rate_limits", json!(current.rate_limits), json!(v));
+    }
+    let credits = |c: &Option<Credits>| {
+        c.map(|c| {
+            json!({
+                "remaining": c.remaining,
+                "refill": c.refill.map(|(i, a)| json!({"interval": i.as_str(), "amount": a})),
+            })
+        })
+    };
+    if let Some(v) = &changes.credits {
+        put(
+            "credits",
+            json!(credits(&current.credits)),
+            json!(credits(v)),
+        );
+    }
+    if let Some(n) = changes.add_credits {
+        out.insert("add_credits".to_owned(), json!(n));
     }
     out
 }

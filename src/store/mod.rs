@@ -2,6 +2,7 @@
 //! admin change writes its audit event in the same transaction.
 
 mod audit;
+mod credits;
 mod error;
 mod keys;
 mod notify;
@@ -25,6 +26,7 @@ use sqlx::{
 };
 
 pub use audit::{AuditEvent, AuditPage, AuditQuery};
+pub use credits::{Reservation, Unspent};
 pub use error::{Refusal, StoreError};
 pub use keys::{Actor, Changed, Guard, KeyChanges, LEAKED, ListQuery, Page, Rotation};
 pub use notify::{CHANNEL, Heard, Invalidation, Listener, Notice};
@@ -148,6 +150,7 @@ pub struct StoreStats {
     key_lookups: AtomicU64,
     admin_lookups: AtomicU64,
     usage_writes: AtomicU64,
+    credit_reservations: AtomicU64,
 }
 
 impl StoreStats {
@@ -160,6 +163,11 @@ impl StoreStats {
     /// on every call, leak reports).
     pub fn admin_lookups(&self) -> u64 {
         self.admin_lookups.load(Ordering::Relaxed)
+    }
+
+    /// Credit reservations (each one statement).
+    pub fn credit_reservations(&self) -> u64 {
+        self.credit_reservations.load(Ordering::Relaxed)
     }
 
     /// Batched usage statements (each one `UPDATE` of `keys` plus upserts).

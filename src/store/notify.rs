@@ -11,7 +11,7 @@ use sqlx::{
 };
 
 use super::{Store, StoreError};
-use crate::key::{KeyHash, OwnerId};
+use crate::key::{KeyHash, KeyId, OwnerId};
 
 pub const CHANNEL: &str = "keyward_invalidate";
 
@@ -34,6 +34,8 @@ pub enum Notice {
     Resync,
     /// This owner changed: re-read its keys before using them again.
     Owner(OwnerId),
+    /// An admin set this bucket's credits anew: drop reserved blocks.
+    Credits(KeyId),
 }
 
 /// What a listener heard.
@@ -131,6 +133,7 @@ fn parse(payload: &str) -> Option<Invalidation> {
         Some(Some("insert")) => Notice::Inserted(hash()?),
         Some(Some("resync")) => Notice::Resync,
         Some(Some("owner")) => Notice::Owner(OwnerId::parse(v.get("owner")?.as_str()?).ok()?),
+        Some(Some("credits")) => Notice::Credits(KeyId::parse(v.get("bucket")?.as_str()?).ok()?),
         Some(_) => return None,
     };
     Some(Invalidation { what, at })

@@ -6,13 +6,13 @@ use sqlx::{Postgres, QueryBuilder, types::Json};
 use std::collections::BTreeMap;
 
 use super::{Store, StoreError, keys::Actor};
-use crate::key::{Ceiling, Metadata, OwnerId, OwnerRecord, OwnerState, Resource, Scope};
+use crate::key::{Ceiling, Metadata, OwnerId, OwnerRecord, OwnerState, RateLimit, Resource, Scope};
 
 /// Every column of `owners`: [`OwnerRow`].
 macro_rules! owner_columns {
     () => {
         "id, active, display_name, state_reason, metadata, allowed_scopes, allowed_resources, \
-         max_keys, created_at, updated_at"
+         max_keys, created_at, updated_at, default_rate_limits"
     };
 }
 pub(super) use owner_columns;
@@ -29,6 +29,7 @@ pub(super) struct OwnerRow {
     max_keys: Option<i32>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    default_rate_limits: Option<Json<Vec<RateLimit>>>,
 }
 
 fn corrupt(id: &str, what: &str) -> StoreError {
@@ -75,6 +76,7 @@ impl TryFrom<OwnerRow> for OwnerRecord {
             metadata: Metadata::from(row.metadata.0),
             ceiling: Ceiling { scopes, resources },
             max_keys: row.max_keys.and_then(|n| u32::try_from(n).ok()),
+            default_rate_limits: row.default_rate_limits.map(|w| w.0),
             created_at: row.created_at,
             updated_at: row.updated_at,
         })
@@ -93,6 +95,8 @@ pub struct OwnerChanges {
     pub allowed_resources: Option<Option<Vec<Resource>>>,
     /// `Some(None)`: no quota.
     pub max_keys: Option<Option<u32>>,
+    /// `Some(None)`: none.
+    pub default_rate_limits: Option<Option<Vec<RateLimit>>>,
 }
 
 /// One page of owners.
@@ -140,8 +144,9 @@ impl Store {
         let resources = values.allowed_resources.clone().flatten().map(strings);
         let query = sqlx::query_as(concat!(
             "WITH o AS ( \
-                 INSERT INTO owners (id, display_name, metadata, allowed_scopes, allowed_resources, max_keys) \
-                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING * \
+                 INSERT INTO owners (id, display_name, metadata, allowed_scopes, allowed_resources, \
+                                     max_keys, default_rate_limits) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $11) RETURNING * \
              ), audit AS ( \
                  INSERT INTO audit_events (actor, actor_key_id, action, owner_id, details, remote_addr) \
                  SELECT $7, $8, 'owner.create', o.id, $9, $10 FROM o \
@@ -168,8 +173,10 @@ impl Store {
             "allowed_scopes": scopes,
             "allowed_resources": resources,
             "max_keys": values.max_keys.flatten(),
+            "default_rate_limits": values.default_rate_limits.clone().flatten(),
         })))
-        .bind(actor.remote());
+        .bind(actor.remote())
+        .bind(values.default_rate_limits.clone().flatten().map(Json));
         let row: OwnerRow = self
             .bounded(async { Ok(query.fetch_one(&self.pool).await?) })
             .await?;
@@ -250,6 +257,10 @@ impl Store {
             if let Some(v) = changes.max_keys {
                 set.push("max_keys = ")
                     .push_bind_unseparated(v.map(|n| i32::try_from(n).unwrap_or(i32::MAX)));
+            }
+            if let Some(v) = &changes.default_rate_limits {
+                set.push("default_rate_limits = ")
+                    .push_bind_unseparated(v.clone().map(Json));
             }
             update
                 .push(" WHERE id = ")
@@ -353,6 +364,13 @@ fn diff(
     }
     if let Some(v) = changes.max_keys {
         put("max_keys", json!(current.max_keys), json!(v));
+    }
+    if let Some(v) = &changes.default_rate_limits {
+        put(
+            "default_rate_limits",
+            json!(current.default_rate_limits),
+            json!(v),
+        );
     }
     out
 }

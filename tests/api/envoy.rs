@@ -734,6 +734,77 @@ async fn a_canary_keys_denial_through_envoy_is_byte_identical_to_an_unknown_keys
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_its_limit_a_key_gets_429_through_envoy_with_the_ratelimit_headers() {
+    use crate::limits::{mint_limited, window};
+    let redis = crate::helpers::private::PrivateRedis::start().await;
+    let a = spawn_app_with(&["--redis-url", &redis.url()]).await;
+    let b = spawn_replica(&a, &["--redis-url", &redis.url()]).await;
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy(a.addr, upstream.addr, false).await;
+    // Until a replica is connected to Redis its checks fall back to local
+    // limits; wait for both with another key.
+    let warm_up = mint_limited(&a, vec![window("burst", 1000, 10)], None)
+        .await
+        .secret;
+    for replica in [&a, &b] {
+        crate::helpers::eventually(Duration::from_secs(5), || async {
+            replica.check_key(&warm_up).await.ok()?;
+            (replica
+                .replica
+                .checker()
+                .rate_limiter()
+                .stats()
+                .redis_checks()
+                > 0)
+            .then_some(())
+        })
+        .await
+        .expect("redis answers");
+    }
+    let key = mint_limited(&a, vec![window("burst", 50, 10)], None)
+        .await
+        .secret;
+
+    // Allowed answers tell the client how the window stands.
+    let first = get(&envoy, "/billing/invoices", &[("x-api-key", &key)]).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(
+        first.header("ratelimit-policy"),
+        Some(r#""burst";q=50;w=10"#)
+    );
+    let current = first.header("ratelimit").expect("ratelimit on an allow");
+    assert!(current.starts_with(r#""burst";r="#), "{current}");
+
+    // Spend the rest over both replicas, then the next through Envoy.
+    let mut spent = 1;
+    for i in 0..100 {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        if replica.check_key(&key).await.expect("check").allowed {
+            spent += 1;
+        }
+        if spent == 50 {
+            break;
+        }
+    }
+    assert_eq!(spent, 50);
+    let refused = get(&envoy, "/billing/invoices", &[("x-api-key", &key)]).await;
+    refused.assert_denied(429, "RATE_LIMITED");
+    let retry: u64 = refused
+        .header("retry-after")
+        .expect("retry-after")
+        .parse()
+        .expect("seconds");
+    assert!((1..=10).contains(&retry), "{retry}");
+    assert_eq!(
+        refused.header("ratelimit-policy"),
+        Some(r#""burst";q=50;w=10"#)
+    );
+    let current = refused.header("ratelimit").expect("ratelimit on a 429");
+    assert!(current.starts_with(r#""burst";r=0;t="#), "{current}");
+    assert_eq!(upstream.requests().len(), 1, "only the first went upstream");
+}
+
 #[test]
 fn every_port_in_the_example_config_is_swapped() {
     let template = std::fs::read_to_string(repo().join("deploy/envoy/envoy.yaml")).expect("read");

@@ -1,9 +1,14 @@
-use std::{net::SocketAddr, sync::Once, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, Once},
+    time::Duration,
+};
 
 use clap::Parser as _;
 use keyward::{
     config::Config,
     key::ApiKey,
+    limits::credits::{Clock, SystemClock},
     pb::{
         self, audit_service_client::AuditServiceClient, check_service_client::CheckServiceClient,
         key_service_client::KeyServiceClient, leak_service_client::LeakServiceClient,
@@ -16,6 +21,8 @@ use sqlx::PgPool;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Request, Status, transport::Channel};
 
+// Shared with the benchmarks, which use parts the tests do not.
+#[allow(dead_code)]
 #[path = "../support/app.rs"]
 mod app;
 // Shared with the benchmarks, which use parts the tests do not.
@@ -86,6 +93,15 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
 /// A server on the database `database_url` names (created if missing), with
 /// an admin key: e.g. on a private PostgreSQL the test controls.
 pub async fn spawn_app_on(database_url: String, extra: &[&str]) -> TestApp {
+    spawn_app_at(database_url, extra, Arc::new(SystemClock)).await
+}
+
+/// A server whose decisions and credit periods go by `clock`.
+pub async fn spawn_app_with_clock(extra: &[&str], clock: Arc<dyn Clock>) -> TestApp {
+    spawn_app_at(fresh_database_url(), extra, clock).await
+}
+
+async fn spawn_app_at(database_url: String, extra: &[&str], clock: Arc<dyn Clock>) -> TestApp {
     let config = test_config(&database_url, extra);
     let (admin, secret) = startup::bootstrap(&config, "ops", "test admin")
         .await
@@ -95,6 +111,7 @@ pub async fn spawn_app_on(database_url: String, extra: &[&str]) -> TestApp {
         database_url,
         secret.expose_secret().to_owned(),
         admin.id.to_string(),
+        clock,
     )
     .await
 }
@@ -107,6 +124,7 @@ pub async fn spawn_replica(of: &TestApp, extra: &[&str]) -> TestApp {
         of.database_url.clone(),
         of.admin_key.clone(),
         of.admin_id.clone(),
+        Arc::new(SystemClock),
     )
     .await
 }
@@ -116,6 +134,7 @@ async fn start(
     database_url: String,
     admin_key: String,
     admin_id: String,
+    clock: Arc<dyn Clock>,
 ) -> TestApp {
     TRACING.call_once(|| {
         if std::env::var_os("TEST_LOG").is_some() {
@@ -123,7 +142,7 @@ async fn start(
                 .expect("init logging");
         }
     });
-    let running = app::start(&config).await;
+    let running = app::start_with_clock(&config, clock).await;
     TestApp {
         addr: running.addr,
         db: running.db,
@@ -319,5 +338,25 @@ impl CapturedLogs {
     pub fn find(&self, needle: &str) -> Option<String> {
         let all = String::from_utf8_lossy(&self.lines.lock().expect("log buffer")).into_owned();
         all.lines().find(|l| l.contains(needle)).map(str::to_owned)
+    }
+}
+
+/// A clock the test moves by hand.
+#[derive(Debug)]
+pub struct ManualClock(Mutex<chrono::DateTime<chrono::Utc>>);
+
+impl ManualClock {
+    pub fn starting_now() -> Arc<Self> {
+        Arc::new(Self(Mutex::new(chrono::Utc::now())))
+    }
+
+    pub fn set(&self, at: chrono::DateTime<chrono::Utc>) {
+        *self.0.lock().expect("clock") = at;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        *self.0.lock().expect("clock")
     }
 }

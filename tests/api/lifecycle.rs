@@ -212,6 +212,7 @@ async fn update_narrows_a_keys_scopes_and_another_replica_sees_it_at_once() {
                 ..Default::default()
             }),
             update_mask: mask(&["scopes", "name"]),
+            add_credits: 0,
         }))
         .await
         .expect("update")
@@ -249,6 +250,7 @@ async fn update_narrows_a_keys_scopes_and_another_replica_sees_it_at_once() {
                 id: id.clone(),
                 key: None,
                 update_mask,
+                add_credits: 0,
             }))
             .await
             .expect_err("refused");

@@ -8,6 +8,7 @@ mod envoy;
 mod faults;
 mod helpers;
 mod lifecycle;
+mod limits;
 mod list;
 mod privilege;
 mod replicas;

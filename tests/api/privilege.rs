@@ -178,6 +178,7 @@ async fn an_owner_key_cannot_reach_another_owners_keys_through_any_rpc() {
                             ..Default::default()
                         }),
                         update_mask: mask(&["name"]),
+                        add_credits: 0,
                     },
                     &k,
                 ))
@@ -421,6 +422,7 @@ async fn an_owner_key_cannot_escalate_within_its_own_owner() {
                                 id: manager,
                                 key: Some(pb::ApiKey::default()),
                                 update_mask: mask(&["name"]),
+                                add_credits: 0,
                             },
                             &k,
                         ))
@@ -478,6 +480,7 @@ async fn an_owner_key_cannot_escalate_within_its_own_owner() {
                             ..Default::default()
                         }),
                         update_mask: mask(&["scopes"]),
+                        add_credits: 0,
                     },
                     &k,
                 ))
@@ -498,6 +501,7 @@ async fn an_owner_key_cannot_escalate_within_its_own_owner() {
                         id: data_for_expiry,
                         key: Some(pb::ApiKey::default()),
                         update_mask: mask(&["expires_at"]),
+                        add_credits: 0,
                     },
                     &k,
                 ))

@@ -23,7 +23,21 @@ pub struct Running {
 }
 
 pub async fn start(config: &Config) -> Running {
-    let app = Application::build(config).await.expect("build app");
+    start_with_clock(
+        config,
+        std::sync::Arc::new(keyward::limits::credits::SystemClock),
+    )
+    .await
+}
+
+/// [`start`] on a clock the caller controls.
+pub async fn start_with_clock(
+    config: &Config,
+    clock: std::sync::Arc<dyn keyward::limits::credits::Clock>,
+) -> Running {
+    let app = Application::build_with_clock(config, clock)
+        .await
+        .expect("build app");
     let addr = app.local_addr();
     let db = app.store().pool().clone();
     let replica = app.replica();

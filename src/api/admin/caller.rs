@@ -161,6 +161,7 @@ impl AdminApi {
             resource: Some(ADMIN_RESOURCE),
             required_scopes: &[],
             client_ip: remote,
+            cost: 1,
         };
         let outcome = self.checker.check(credential, &request, remote).await?;
         refuse_unless_ok(outcome.decision.reason, &outcome.decision.message)?;

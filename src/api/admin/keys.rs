@@ -10,9 +10,9 @@ use super::{
     caller::Change,
     key_not_found,
     request::{
-        DESCRIPTION_MAX, NAME_MAX, REASON_MAX, decode_key_token, duration_field, encode_key_token,
-        future_time, key_id, list_field, mask_paths, metadata_field, mint_spec, owner_id,
-        page_size, text_field,
+        DESCRIPTION_MAX, NAME_MAX, REASON_MAX, credits_field, decode_key_token, duration_field,
+        encode_key_token, future_time, key_id, list_field, mask_paths, metadata_field, mint_spec,
+        owner_id, page_size, rate_limits_field, text_field,
     },
 };
 use crate::{
@@ -26,7 +26,7 @@ use crate::{
 const USAGE_DAYS: u32 = 30;
 const GRACE_DEFAULT: chrono::Duration = chrono::Duration::hours(24);
 const GRACE_MAX: chrono::Duration = chrono::Duration::days(7);
-const UPDATABLE: [&str; 7] = [
+const UPDATABLE: [&str; 10] = [
     "name",
     "description",
     "metadata",
@@ -34,6 +34,9 @@ const UPDATABLE: [&str; 7] = [
     "resources",
     "ip_allow",
     "expires_at",
+    "rate_limits",
+    "credits",
+    "add_credits",
 ];
 
 #[tonic::async_trait]
@@ -138,6 +141,9 @@ impl AdminApi {
             ));
         }
         caller.may_grant(&spec.scopes, spec.expires_at)?;
+        if spec.credits.is_some() || spec.rate_limits.is_some() {
+            caller.require_admin("minting a key with its own rate limits or credits")?;
+        }
         let (secret, new_key) = NewKey::generate(spec);
         let ticket = self.checker.ticket(&new_key.hash());
         let record = self
@@ -318,8 +324,27 @@ impl AdminApi {
                             .transpose()?,
                     )
                 }
+                "rate_limits" => {
+                    changes.rate_limits =
+                        Some(rate_limits_field("key.rate_limits", &values.rate_limits)?)
+                }
+                "credits" => {
+                    changes.credits = Some(
+                        values
+                            .credits
+                            .as_ref()
+                            .map(|c| credits_field("key.credits", c))
+                            .transpose()?,
+                    )
+                }
+                "add_credits" => changes.add_credits = Some(req.add_credits),
                 _ => unreachable!("mask_paths admits only UPDATABLE"),
             }
+        }
+        let sets_credits = changes.credits.is_some() || changes.add_credits.is_some();
+        if sets_credits || changes.rate_limits.is_some() {
+            // An owner's own management key cannot buy itself more use.
+            caller.require_admin("changing a key's rate limits or credits")?;
         }
         if let Some(scopes) = &changes.scopes {
             caller.may_grant_scopes(scopes)?;
@@ -434,6 +459,7 @@ impl AdminApi {
             resource: Some(req.resource.as_str()).filter(|r| !r.is_empty()),
             required_scopes: &scopes,
             client_ip,
+            cost: 1,
         };
         let (decision, verdicts) = policy::explain(&Grant::from(&record), &request, Utc::now());
         Ok(pb::ExplainResponse {

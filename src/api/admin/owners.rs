@@ -6,7 +6,7 @@ use super::{
     AdminApi, Caller, owner_not_found,
     request::{
         decode_owner_token, encode_owner_token, list_field, mask_paths, metadata_field, owner_id,
-        page_size, text_field,
+        page_size, rate_limits_field, text_field,
     },
 };
 use crate::{
@@ -18,7 +18,7 @@ use crate::{
 
 const DISPLAY_NAME_MAX: usize = 200;
 const STATE_REASON_MAX: usize = 500;
-const UPDATABLE: [&str; 7] = [
+const UPDATABLE: [&str; 8] = [
     "display_name",
     "state",
     "state_reason",
@@ -26,6 +26,7 @@ const UPDATABLE: [&str; 7] = [
     "allowed_scopes",
     "allowed_resources",
     "max_keys",
+    "default_rate_limits",
 ];
 
 pub(crate) fn owner_pb(owner: &OwnerRecord, key_count: Option<u64>) -> pb::Owner {
@@ -58,6 +59,12 @@ pub(crate) fn owner_pb(owner: &OwnerRecord, key_count: Option<u64>) -> pb::Owner
             .map(ToString::to_string)
             .collect(),
         max_keys: owner.max_keys.unwrap_or(0),
+        default_rate_limits: owner
+            .default_rate_limits
+            .iter()
+            .flatten()
+            .map(crate::api::rate_limit_pb)
+            .collect(),
         created_at: Some(timestamp(owner.created_at)),
         updated_at: Some(timestamp(owner.updated_at)),
         key_count: key_count.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
@@ -139,6 +146,10 @@ impl AdminApi {
                 Resource::parse,
             )?),
             max_keys: Some((req.max_keys > 0).then_some(req.max_keys)),
+            default_rate_limits: Some(rate_limits_field(
+                "default_rate_limits",
+                &req.default_rate_limits,
+            )?),
             ..OwnerChanges::default()
         };
         let owner = self

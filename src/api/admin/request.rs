@@ -8,7 +8,10 @@ use uuid::Uuid;
 
 use crate::{
     api::{datetime, status::ApiError},
-    key::{Invalid, KeyId, KeyPrefix, Metadata, MintSpec, Network, OwnerId, Resource, Scope},
+    key::{
+        Credits, Invalid, KeyId, KeyPrefix, Metadata, MintSpec, Network, OwnerId, RateLimit,
+        RefillInterval, Resource, Scope, check_windows,
+    },
     pb,
 };
 
@@ -181,6 +184,61 @@ pub(super) fn duration_field(
     chrono::Duration::new(d.seconds, d.nanos as u32).ok_or_else(|| invalid("is too long"))
 }
 
+/// Named windows; empty: none (`None`).
+pub(super) fn rate_limits_field(
+    field: &'static str,
+    values: &[pb::RateLimit],
+) -> Result<Option<Vec<RateLimit>>, ApiError> {
+    if values.is_empty() {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(values.len());
+    for (i, v) in values.iter().enumerate() {
+        let window = v
+            .window
+            .as_ref()
+            .map(|d| duration_field("window", d))
+            .transpose()?
+            .and_then(|d| d.to_std().ok())
+            .unwrap_or_default();
+        let limit = RateLimit::new(&v.name, v.limit, window)
+            .map_err(|(part, why)| ApiError::invalid(format!("{field}[{i}].{part}"), why))?;
+        out.push(limit);
+    }
+    check_windows(&out).map_err(|(i, why)| match i {
+        Some(i) => ApiError::invalid(format!("{field}[{i}].name"), why),
+        None => ApiError::invalid(field, why),
+    })?;
+    Ok(Some(out))
+}
+
+/// Credits to set.
+pub(super) fn credits_field(field: &'static str, c: &pb::Credits) -> Result<Credits, ApiError> {
+    let remaining = u64::try_from(c.remaining).map_err(|_| {
+        ApiError::invalid(
+            format!("{field}.remaining"),
+            Invalid::new("must not be negative"),
+        )
+    })?;
+    let refill = match &c.refill {
+        None => None,
+        Some(r) => {
+            let interval = match r.interval() {
+                pb::credits::refill::Interval::Daily => RefillInterval::Daily,
+                pb::credits::refill::Interval::Monthly => RefillInterval::Monthly,
+                pb::credits::refill::Interval::Unspecified => {
+                    return Err(ApiError::invalid(
+                        format!("{field}.refill.interval"),
+                        Invalid::new("must be DAILY or MONTHLY"),
+                    ));
+                }
+            };
+            Some((interval, r.amount))
+        }
+    };
+    Ok(Credits { remaining, refill })
+}
+
 /// A validated Mint request.
 pub(super) fn mint_spec(
     req: pb::MintRequest,
@@ -216,6 +274,12 @@ pub(super) fn mint_spec(
         metadata: metadata_field(req.metadata)?,
         expires_at,
         canary: req.canary,
+        rate_limits: rate_limits_field("rate_limits", &req.rate_limits)?,
+        credits: req
+            .credits
+            .as_ref()
+            .map(|c| credits_field("credits", c))
+            .transpose()?,
         ..MintSpec::new(owner_id, prefix)
     })
 }

@@ -1,0 +1,461 @@
+//! Rate limits as a GCRA (generic cell rate algorithm): a window of `limit`
+//! uses per `window` lets `limit` through at once and then one every
+//! `window / limit`. Each window keeps one number, its theoretical arrival
+//! time (TAT); a use is allowed if every window of the key allows it, and
+//! only then counted in all of them.
+//!
+//! - `local`: per replica, in memory. With `share` s (a setting) each replica
+//!   lets through `ceil(s × limit)` per window, so across N replicas the
+//!   cluster allows between `s × limit` (all traffic on one replica) and
+//!   `N × s × limit` (traffic spread evenly); with s = 1/N, at most `limit`,
+//!   and as little as `limit / N` when all traffic lands on one replica.
+//! - `redis`: one Lua script per check does the same atomically for every
+//!   window of the key, on Redis's clock: exact across replicas. A Redis
+//!   error or timeout falls back to `local` for that check (WARN, counted),
+//!   never a failed check; the connection manager reconnects by itself.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwapOption;
+use moka::sync::Cache;
+use redis::aio::ConnectionManager;
+
+use super::WindowState;
+use crate::key::{KeyId, Limits, RateLimit};
+
+/// Buckets with state held at most per replica (about 100 bytes each).
+const MAX_BUCKETS: u64 = 1_000_000;
+
+/// Allowed or not, with every window's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateDecision {
+    pub allowed: bool,
+    /// When refused: when the same use would be allowed.
+    pub retry_after: Duration,
+    pub windows: Vec<WindowState>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateSettings {
+    /// `Some`: the exact, shared backend.
+    pub redis_url: Option<String>,
+    /// How long a check waits for Redis before falling back.
+    pub redis_timeout: Duration,
+    /// Each replica's share of a limit on the local backend.
+    pub local_share: f64,
+}
+
+/// What the limiter did that no answer shows.
+#[derive(Debug, Default)]
+pub struct RateStats {
+    redis_checks: AtomicU64,
+    fallbacks: AtomicU64,
+}
+
+impl RateStats {
+    /// Checks answered by Redis.
+    pub fn redis_checks(&self) -> u64 {
+        self.redis_checks.load(Ordering::Relaxed)
+    }
+
+    /// Checks the local backend answered because Redis did not.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimiter {
+    local: Local,
+    redis: Option<Arc<Redis>>,
+    stats: Arc<RateStats>,
+    /// When the last fallback was logged (ms since `origin`).
+    last_warning_ms: Arc<AtomicU64>,
+    origin: Instant,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("redis", &self.redis.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter {
+    /// Starts connecting to Redis in the background if it is configured: a
+    /// Redis that is down at start only means local limits until it is up.
+    pub fn new(settings: &RateSettings) -> Result<Self, redis::RedisError> {
+        let redis = match &settings.redis_url {
+            None => None,
+            Some(url) => Some(Arc::new(Redis::new(url, settings.redis_timeout)?)),
+        };
+        Ok(Self {
+            local: Local::new(settings.local_share),
+            redis,
+            stats: Arc::default(),
+            last_warning_ms: Arc::new(AtomicU64::new(0)),
+            origin: Instant::now(),
+        })
+    }
+
+    /// Limits in memory only, with this replica's `share` of each.
+    pub fn local(share: f64) -> Self {
+        Self {
+            local: Local::new(share),
+            redis: None,
+            stats: Arc::default(),
+            last_warning_ms: Arc::new(AtomicU64::new(0)),
+            origin: Instant::now(),
+        }
+    }
+
+    pub fn stats(&self) -> &RateStats {
+        &self.stats
+    }
+
+    /// Checks one use of `cost` against every window of `limits`, and
+    /// counts it if all allow it.
+    pub async fn check(&self, limits: &Limits, cost: u64) -> RateDecision {
+        if let Some(redis) = &self.redis {
+            match redis.check(limits, cost).await {
+                Ok(decision) => {
+                    self.stats.redis_checks.fetch_add(1, Ordering::Relaxed);
+                    return decision;
+                }
+                Err(why) => {
+                    self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    self.warn_fallback(&why);
+                }
+            }
+        }
+        self.local.check(limits, cost, Instant::now())
+    }
+
+    /// One line every ten seconds at most: while Redis is down every
+    /// limited check falls back.
+    fn warn_fallback(&self, why: &str) {
+        let now = self.origin.elapsed().as_millis() as u64;
+        let last = self.last_warning_ms.load(Ordering::Relaxed);
+        if (last == 0 || now >= last + 10_000)
+            && self
+                .last_warning_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                error = why,
+                fallbacks = self.stats.fallbacks(),
+                "redis rate limits unavailable; enforcing local (per-replica) limits"
+            );
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The GCRA step for one window: the new TAT if the use fits, and the
+/// window's state after it (or, if it does not fit, as it stands).
+fn step(limit: &RateLimit, tat: u64, now: u64, cost: u64) -> (Option<u64>, WindowState, u64) {
+    let interval = nanos(limit.emission_interval()).max(1);
+    let window = nanos(limit.window());
+    let tat = tat.max(now);
+    let new_tat = tat.saturating_add(cost.saturating_mul(interval));
+    let fits = new_tat - now <= window;
+    let after = if fits { new_tat } else { tat };
+    let used = after - now;
+    let state = WindowState {
+        remaining: window.saturating_sub(used) / interval,
+        reset: Duration::from_nanos(used),
+    };
+    let retry = if fits { 0 } else { new_tat - now - window };
+    (fits.then_some(new_tat), state, retry)
+}
+
+/// One replica's GCRA state, in memory.
+#[derive(Clone)]
+struct Local {
+    buckets: Cache<KeyId, Arc<Mutex<Vec<Slot>>>>,
+    share: f64,
+    origin: Instant,
+}
+
+/// One window's TAT, named so that a change to the key's windows resets
+/// only the windows that changed.
+#[derive(Debug, Clone)]
+struct Slot {
+    limit: RateLimit,
+    tat: u64,
+}
+
+impl Local {
+    fn new(share: f64) -> Self {
+        Self {
+            buckets: Cache::builder()
+                .max_capacity(MAX_BUCKETS)
+                // Idle longer than the longest window: its state is full anyway.
+                .time_to_idle(Duration::from_secs(31 * 86_400))
+                .build(),
+            share: if share > 0.0 { share.min(1.0) } else { 1.0 },
+            origin: Instant::now(),
+        }
+    }
+
+    fn check(&self, limits: &Limits, cost: u64, at: Instant) -> RateDecision {
+        let now = nanos(at.saturating_duration_since(self.origin));
+        let bucket = self
+            .buckets
+            .get_with(limits.bucket, || Arc::new(Mutex::new(Vec::new())));
+        let mut slots = bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let windows: Vec<RateLimit> = limits
+            .windows
+            .iter()
+            .map(|w| w.scaled(self.share))
+            .collect();
+        if slots.len() != windows.len() || slots.iter().zip(&windows).any(|(s, w)| s.limit != *w) {
+            *slots = windows
+                .iter()
+                .map(|w| {
+                    let tat = slots.iter().find(|s| s.limit == *w).map_or(0, |s| s.tat);
+                    Slot {
+                        limit: w.clone(),
+                        tat,
+                    }
+                })
+                .collect();
+        }
+        let steps: Vec<_> = slots
+            .iter()
+            .map(|s| step(&s.limit, s.tat, now, cost))
+            .collect();
+        let allowed = steps.iter().all(|(next, _, _)| next.is_some());
+        if allowed {
+            for (slot, (next, _, _)) in slots.iter_mut().zip(&steps) {
+                slot.tat = next.unwrap_or(slot.tat);
+            }
+        }
+        let windows = steps
+            .iter()
+            .zip(slots.iter())
+            .map(|((_, fits_state, _), slot)| {
+                if allowed {
+                    *fits_state
+                } else {
+                    step(&slot.limit, slot.tat, now, 0).1
+                }
+            })
+            .collect();
+        RateDecision {
+            allowed,
+            retry_after: Duration::from_nanos(steps.iter().map(|(_, _, r)| *r).max().unwrap_or(0)),
+            windows,
+        }
+    }
+}
+
+/// The same GCRA in Redis, over every window of a key at once, on Redis's
+/// own clock (microseconds). Keys share a hash tag per bucket, so a Redis
+/// Cluster keeps a bucket's windows on one node. Returns
+/// `{allowed, retry_us, remaining_1, reset_us_1, ...}`.
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local cost = tonumber(ARGV[1])
+local n = #KEYS
+local tats = {}
+local fits = true
+local retry = 0
+for i = 1, n do
+  local interval = tonumber(ARGV[2 * i])
+  local window = tonumber(ARGV[2 * i + 1])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  tats[i] = tat
+  local new_tat = tat + cost * interval
+  if new_tat - now > window then
+    fits = false
+    if new_tat - now - window > retry then retry = new_tat - now - window end
+  end
+end
+local out = { fits and 1 or 0, retry }
+for i = 1, n do
+  local interval = tonumber(ARGV[2 * i])
+  local window = tonumber(ARGV[2 * i + 1])
+  local tat = tats[i]
+  if fits then
+    tat = tat + cost * interval
+    redis.call('SET', KEYS[i], tat, 'PX', math.ceil(window / 1000) + 1)
+  end
+  local used = tat - now
+  local remaining = math.floor((window - used) / interval)
+  if remaining < 0 then remaining = 0 end
+  out[#out + 1] = remaining
+  out[#out + 1] = used
+end
+return out
+"#;
+
+struct Redis {
+    client: redis::Client,
+    connection: ArcSwapOption<ConnectionManager>,
+    connecting: AtomicBool,
+    script: redis::Script,
+    timeout: Duration,
+}
+
+impl Redis {
+    fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+            connection: ArcSwapOption::empty(),
+            connecting: AtomicBool::new(false),
+            script: redis::Script::new(GCRA),
+            timeout,
+        })
+    }
+
+    /// The connection, or `None` (and a connect attempt in the background).
+    fn connection(self: &Arc<Self>) -> Option<ConnectionManager> {
+        if let Some(conn) = &*self.connection.load() {
+            return Some((**conn).clone());
+        }
+        if !self.connecting.swap(true, Ordering::AcqRel) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(this.timeout.max(Duration::from_millis(200))))
+                    .set_response_timeout(Some(this.timeout))
+                    .set_number_of_retries(1);
+                match ConnectionManager::new_with_config(this.client.clone(), config).await {
+                    Ok(conn) => {
+                        this.connection.store(Some(Arc::new(conn)));
+                        tracing::info!("connected to redis for rate limits");
+                    }
+                    Err(err) => {
+                        tracing::debug!(%err, "cannot connect to redis yet");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+                this.connecting.store(false, Ordering::Release);
+            });
+        }
+        None
+    }
+
+    async fn check(self: &Arc<Self>, limits: &Limits, cost: u64) -> Result<RateDecision, String> {
+        let Some(mut conn) = self.connection() else {
+            return Err("not connected".to_owned());
+        };
+        let mut invocation = self.script.prepare_invoke();
+        for w in limits.windows.iter() {
+            invocation.key(format!("kw:rl:{{{}}}:{}", limits.bucket, w.name()));
+        }
+        invocation.arg(cost);
+        for w in limits.windows.iter() {
+            let interval = w.emission_interval().as_micros().max(1);
+            invocation
+                .arg(u64::try_from(interval).unwrap_or(u64::MAX))
+                .arg(u64::try_from(w.window().as_micros()).unwrap_or(u64::MAX));
+        }
+        let answer: Vec<i64> =
+            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
+                .await
+                .map_err(|_| format!("no answer within {:?}", self.timeout))?
+                .map_err(|e| e.to_string())?;
+        let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+        if answer.len() != 2 + 2 * limits.windows.len() {
+            return Err(format!("unexpected answer of {} values", answer.len()));
+        }
+        Ok(RateDecision {
+            allowed: answer[0] == 1,
+            retry_after: micros(answer[1]),
+            windows: answer[2..]
+                .chunks(2)
+                .map(|c| WindowState {
+                    remaining: u64::try_from(c[0]).unwrap_or(0),
+                    reset: micros(c[1]),
+                })
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(windows: &[(&str, u64, u64)]) -> Limits {
+        Limits::new(
+            KeyId::new_v7(),
+            windows
+                .iter()
+                .map(|(n, l, w)| RateLimit::new(n, *l, Duration::from_secs(*w)).unwrap())
+                .collect(),
+            false,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_window_lets_its_limit_through_at_once_then_refills_evenly() {
+        let local = Local::new(1.0);
+        let l = limits(&[("burst", 10, 10)]);
+        let t0 = Instant::now();
+        for i in 0..10 {
+            let d = local.check(&l, 1, t0);
+            assert!(d.allowed, "use {i}");
+            assert_eq!(d.windows[0].remaining, 9 - i);
+        }
+        let refused = local.check(&l, 1, t0);
+        assert!(!refused.allowed);
+        assert!(
+            refused.retry_after <= Duration::from_secs(1)
+                && refused.retry_after > Duration::from_millis(900)
+        );
+        // One use comes back every second.
+        assert!(local.check(&l, 1, t0 + Duration::from_millis(1001)).allowed);
+        assert!(!local.check(&l, 1, t0 + Duration::from_millis(1002)).allowed);
+    }
+
+    #[test]
+    fn a_use_counts_only_if_every_window_allows_it() {
+        let local = Local::new(1.0);
+        let l = limits(&[("burst", 100, 1), ("daily", 3, 86_400)]);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(local.check(&l, 1, t0).allowed);
+        }
+        let refused = local.check(&l, 1, t0);
+        assert!(!refused.allowed);
+        // The refused use left the burst window alone.
+        assert_eq!(refused.windows[0].remaining, 97);
+        assert_eq!(refused.windows[1].remaining, 0);
+    }
+
+    #[test]
+    fn a_replicas_share_scales_its_limit() {
+        let local = Local::new(0.5);
+        let l = limits(&[("burst", 10, 10)]);
+        let t0 = Instant::now();
+        let allowed = (0..20).filter(|_| local.check(&l, 1, t0).allowed).count();
+        assert_eq!(allowed, 5);
+    }
+
+    #[test]
+    fn a_cost_spends_several_uses() {
+        let local = Local::new(1.0);
+        let l = limits(&[("burst", 10, 10)]);
+        let t0 = Instant::now();
+        assert!(local.check(&l, 7, t0).allowed);
+        assert!(!local.check(&l, 4, t0).allowed);
+        assert!(local.check(&l, 3, t0).allowed);
+    }
+}

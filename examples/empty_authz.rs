@@ -50,6 +50,9 @@ enum Answer {
     Metadata,
     /// OK with a constant allow shaped like keyward's: both.
     KeywardShaped,
+    /// The same, plus RateLimit and RateLimit-Policy headers for the client,
+    /// as keyward answers for a key with rate limits.
+    KeywardShapedLimited,
 }
 
 struct Empty(CheckResponse);
@@ -66,7 +69,7 @@ fn shaped(answer: Answer) -> CheckResponse {
         return resp;
     }
     if answer != Answer::Metadata {
-        resp.set_http_response(header_changes());
+        resp.set_http_response(header_changes(answer == Answer::KeywardShapedLimited));
     }
     if answer != Answer::Headers {
         resp.set_dynamic_metadata(Some(metadata()));
@@ -74,12 +77,13 @@ fn shaped(answer: Answer) -> CheckResponse {
     resp
 }
 
-fn header_changes() -> envoy_types::ext_authz::v3::pb::OkHttpResponse {
+fn header_changes(limited: bool) -> envoy_types::ext_authz::v3::pb::OkHttpResponse {
     let mut ok = OkHttpResponseBuilder::new();
     for (name, value) in [
         ("x-keyward-key-id", "01a2065a-1b2c-7d3e-8f40-123456789abc"),
         ("x-keyward-owner-id", "owner-500"),
         ("x-keyward-scopes", "invoices:read"),
+        ("x-keyward-reason", "OK"),
     ] {
         ok.add_header(
             name,
@@ -90,6 +94,25 @@ fn header_changes() -> envoy_types::ext_authz::v3::pb::OkHttpResponse {
     }
     ok.remove_header("authorization");
     ok.remove_header("x-api-key");
+    if limited {
+        for (name, value) in [
+            (
+                "ratelimit-policy",
+                r#""burst";q=1000000000;w=1, "daily";q=1000000000000;w=86400"#,
+            ),
+            (
+                "ratelimit",
+                r#""burst";r=999999999;t=1, "daily";r=999999999999;t=1"#,
+            ),
+        ] {
+            ok.add_response_header(
+                name,
+                value,
+                Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+                false,
+            );
+        }
+    }
     ok.build()
 }
 

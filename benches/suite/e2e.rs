@@ -55,8 +55,8 @@ pub struct WrkRun {
 }
 
 /// A Lua script giving each request the next key of `keys_file` as x-api-key.
-pub fn write_script(dir: &Path, keys_file: &Path) -> PathBuf {
-    let script = dir.join("keyward-bench-keys.lua");
+pub fn write_script(dir: &Path, keys_file: &Path, name: &str) -> PathBuf {
+    let script = dir.join(format!("keyward-bench-{name}.lua"));
     std::fs::write(
         &script,
         format!(

@@ -62,6 +62,8 @@ pub struct Ctx {
     pub secrets: Vec<String>,
     /// Well-formed keys that were never stored.
     pub unknown: Vec<String>,
+    /// Keys with two rate limit windows no load reaches.
+    pub limited: Vec<String>,
     pub admin_key: String,
     pub repo: PathBuf,
 }
@@ -73,7 +75,7 @@ impl Ctx {
     }
 }
 
-#[derive(clap::Parser)]
+#[derive(Clone, clap::Parser)]
 struct Args {
     /// keyward's release binary.
     #[arg(long)]
@@ -98,7 +100,7 @@ struct Args {
     /// Keys seeded into the table (and warmed for the memory figure).
     #[arg(long, default_value_t = 1_000_000)]
     keys: usize,
-    /// Run only these scenarios (1-7, comma-separated); default: all.
+    /// Run only these scenarios (1-8, comma-separated); default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Only seed a database and write request frames into this directory
@@ -120,6 +122,9 @@ struct Args {
 }
 
 const HOT: usize = 10_000;
+/// Rate limit windows no load reaches: every check is allowed, and only the
+/// cost of keeping count shows.
+const NEVER_REACHED: &str = r#"[{"name": "burst", "limit": 1000000000, "window_ms": 1000}, {"name": "daily", "limit": 1000000000000, "window_ms": 86400000}]"#;
 
 /// Samples of one target, one per repetition.
 #[derive(Debug, Clone, Default)]
@@ -376,6 +381,7 @@ async fn main() {
         .expect("bootstrap");
     let admin_key = admin_key.expose_secret().to_owned();
     let secrets = seed::seed(&url, args.keys.max(HOT * 2)).await;
+    let limited = seed::seed_limited(&url, HOT, Some(NEVER_REACHED), None).await;
     let prefix = KeyPrefix::parse("kw_live").expect("prefix");
     let unknown: Vec<String> = (0..HOT)
         .map(|_| ApiKey::generate(&prefix).expose_secret().to_owned())
@@ -420,6 +426,7 @@ async fn main() {
         url,
         secrets,
         unknown,
+        limited,
         admin_key,
         repo,
     };
@@ -453,7 +460,7 @@ async fn main() {
     );
 
     let run = |n: u8| suite.args.only.is_empty() || suite.args.only.contains(&n);
-    let selected: Vec<u8> = (1..=7).filter(|n| run(*n)).collect();
+    let selected: Vec<u8> = (1..=8).filter(|n| run(*n)).collect();
     for n in selected {
         match n {
             1 => scenario::hits::run(&mut suite, &ctx).await,
@@ -463,7 +470,8 @@ async fn main() {
             5 => scenario::memory::run(&mut suite, &ctx).await,
             6 => scenario::end_to_end::run(&mut suite, &ctx).await,
             7 => scenario::flood::run(&mut suite, &ctx).await,
-            _ => unreachable!("scenarios are 1-7"),
+            8 => scenario::limits::run(&mut suite, &ctx).await,
+            _ => unreachable!("scenarios are 1-8"),
         }
     }
     let seeded = ctx.secrets.len();

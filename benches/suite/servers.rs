@@ -55,7 +55,10 @@ impl Server {
 
     /// keyward on the given cores (taskset list). Brute-force protection is
     /// off unless `extra` turns it on: the load generators present thousands
-    /// of bad keys from one address on purpose.
+    /// of bad keys from one address on purpose. The cache TTL is 10 minutes
+    /// (not the default 60 s) so that rows measure cache hits rather than
+    /// the backstop re-read of keys warmed together going stale in the
+    /// middle of a row.
     pub async fn keyward_on(
         bin: &Path,
         cores: &str,
@@ -72,6 +75,7 @@ impl Server {
                 database_url,
             ])
             .args(["--log-filter", "warn", "--brute-force-threshold", "0"])
+            .args(["--cache-ttl", "10m"])
             .args(extra)
             .spawn()
             .expect("start keyward");
@@ -90,6 +94,20 @@ impl Server {
             .args(extra)
             .spawn()
             .expect("start empty_authz");
+        Self::ready(name, addr, child).await
+    }
+
+    /// A private Redis on the server's core, without persistence: the
+    /// system under test (keyward and the Redis it asks) is one core, and
+    /// the shared Redis, which other work on the machine uses, stays out of
+    /// the figures.
+    pub async fn redis(name: &str) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let child = pinned(Path::new("redis-server"), SERVER_CORE)
+            .args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .spawn()
+            .expect("start redis-server");
         Self::ready(name, addr, child).await
     }
 

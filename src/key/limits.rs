@@ -71,15 +71,6 @@ impl RateLimit {
     pub fn emission_interval(&self) -> Duration {
         self.window() / u32::try_from(self.limit).unwrap_or(u32::MAX).max(1)
     }
-
-    /// The same window, with its limit scaled by `share` (a replica's share
-    /// of a limit enforced per replica), never below 1.
-    pub fn scaled(&self, share: f64) -> RateLimit {
-        RateLimit {
-            limit: ((self.limit as f64 * share).ceil() as u64).max(1),
-            ..self.clone()
-        }
-    }
 }
 
 /// Checks a list of windows: at most [`MAX_WINDOWS`], names unique.

@@ -15,6 +15,8 @@
 //!   never a failed check; the connection manager reconnects by itself.
 
 use std::{
+    collections::HashMap,
+    hash::{BuildHasher, Hasher},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -23,7 +25,6 @@ use std::{
 };
 
 use arc_swap::ArcSwapOption;
-use moka::sync::Cache;
 use redis::aio::ConnectionManager;
 
 use super::WindowState;
@@ -94,7 +95,14 @@ impl RateLimiter {
     pub fn new(settings: &RateSettings) -> Result<Self, redis::RedisError> {
         let redis = match &settings.redis_url {
             None => None,
-            Some(url) => Some(Arc::new(Redis::new(url, settings.redis_timeout)?)),
+            Some(url) => {
+                let redis = Arc::new(Redis::new(url, settings.redis_timeout)?);
+                // Connect now, so that the first checks already find Redis.
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    let _ = redis.connection();
+                }
+                Some(redis)
+            }
         };
         Ok(Self {
             local: Local::new(settings.local_share),
@@ -162,100 +170,197 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The GCRA step for one window: the new TAT if the use fits, and the
-/// window's state after it (or, if it does not fit, as it stands).
-fn step(limit: &RateLimit, tat: u64, now: u64, cost: u64) -> (Option<u64>, WindowState, u64) {
-    let interval = nanos(limit.emission_interval()).max(1);
-    let window = nanos(limit.window());
-    let tat = tat.max(now);
-    let new_tat = tat.saturating_add(cost.saturating_mul(interval));
-    let fits = new_tat - now <= window;
-    let after = if fits { new_tat } else { tat };
-    let used = after - now;
-    let state = WindowState {
-        remaining: window.saturating_sub(used) / interval,
-        reset: Duration::from_nanos(used),
-    };
-    let retry = if fits { 0 } else { new_tat - now - window };
-    (fits.then_some(new_tat), state, retry)
+/// One window's GCRA state on this replica: its TAT, and the window it
+/// counts for (a change to the key's windows resets only the windows that
+/// changed).
+#[derive(Debug, Clone)]
+struct Slot {
+    name: Box<str>,
+    /// The replica's share of the declared limit.
+    limit: u64,
+    window: u64,
+    interval: u64,
+    tat: u64,
 }
 
-/// One replica's GCRA state, in memory.
+impl Slot {
+    fn new(limit: &RateLimit, share: f64) -> Self {
+        let scaled = scaled_limit(limit.limit(), share);
+        let window = nanos(limit.window());
+        Slot {
+            name: limit.name().into(),
+            limit: scaled,
+            window,
+            interval: (window / scaled).max(1),
+            tat: 0,
+        }
+    }
+
+    fn counts_for(&self, limit: &RateLimit, share: f64) -> bool {
+        self.limit == scaled_limit(limit.limit(), share)
+            && self.window == nanos(limit.window())
+            && *self.name == *limit.name()
+    }
+
+    /// The GCRA step: the new TAT if the use fits, the window's state after
+    /// it (or, if it does not fit, as it stands), and how long until it
+    /// would fit.
+    fn step(&self, now: u64, cost: u64) -> (Option<u64>, WindowState, u64) {
+        let tat = self.tat.max(now);
+        let new_tat = tat.saturating_add(cost.saturating_mul(self.interval));
+        let fits = new_tat - now <= self.window;
+        let after = if fits { new_tat } else { tat };
+        let used = after - now;
+        let state = WindowState {
+            remaining: self.window.saturating_sub(used) / self.interval,
+            reset: Duration::from_nanos(used),
+        };
+        let retry = if fits { 0 } else { new_tat - now - self.window };
+        (fits.then_some(new_tat), state, retry)
+    }
+}
+
+/// A replica's share of `limit`, never below 1.
+fn scaled_limit(limit: u64, share: f64) -> u64 {
+    ((limit as f64 * share).ceil() as u64).max(1)
+}
+
+/// One replica's GCRA state, in memory: buckets in shards of plain hash
+/// maps, each behind its own lock, hashed by the bucket id's random bits.
+/// A check takes one lock and allocates only its answer's window list.
 #[derive(Clone)]
 struct Local {
-    buckets: Cache<KeyId, Arc<Mutex<Vec<Slot>>>>,
+    shards: Arc<[Mutex<Buckets>]>,
+    /// Buckets per shard before idle ones are dropped.
+    shard_capacity: usize,
     share: f64,
     origin: Instant,
 }
 
-/// One window's TAT, named so that a change to the key's windows resets
-/// only the windows that changed.
-#[derive(Debug, Clone)]
-struct Slot {
-    limit: RateLimit,
-    tat: u64,
+const SHARDS: usize = 64;
+
+/// One shard: each bucket's windows.
+type Buckets = HashMap<KeyId, Vec<Slot>, IdHash>;
+
+/// Hashes a UUID v7 by its last eight bytes, which are random: no need to
+/// pay for SipHash on ids nobody outside chooses.
+#[derive(Clone, Copy, Default)]
+struct IdHash;
+
+impl BuildHasher for IdHash {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(23) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    // The length prefix of the id's bytes: the same for every id.
+    fn write_usize(&mut self, _: usize) {}
+
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 31)
+    }
+}
+
+fn shard_of(id: &KeyId) -> usize {
+    // The first random byte of a v7 id (bytes 0-5 are its timestamp), not
+    // a bit of the map's own hash.
+    usize::from(id.as_uuid().as_bytes()[7]) % SHARDS
 }
 
 impl Local {
     fn new(share: f64) -> Self {
         Self {
-            buckets: Cache::builder()
-                .max_capacity(MAX_BUCKETS)
-                // Idle longer than the longest window: its state is full anyway.
-                .time_to_idle(Duration::from_secs(31 * 86_400))
-                .build(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shard_capacity: MAX_BUCKETS as usize / SHARDS,
             share: if share > 0.0 { share.min(1.0) } else { 1.0 },
             origin: Instant::now(),
         }
     }
 
+    /// Makes room in a full shard: drops the buckets whose every window is
+    /// full again (their state is what a new bucket starts with), and if
+    /// none is, the one closest to full (the least it can forgive).
+    fn make_room(buckets: &mut Buckets, now: u64) {
+        let before = buckets.len();
+        buckets.retain(|_, slots| slots.iter().any(|s| s.tat > now));
+        if buckets.len() == before
+            && let Some(id) = buckets
+                .iter()
+                .min_by_key(|(_, slots)| slots.iter().map(|s| s.tat).max().unwrap_or(0))
+                .map(|(id, _)| *id)
+        {
+            buckets.remove(&id);
+        }
+    }
+
+    /// Allocates only the answer's list of windows (and, on a key's first
+    /// use or a change of its windows, the bucket's slots).
     fn check(&self, limits: &Limits, cost: u64, at: Instant) -> RateDecision {
         let now = nanos(at.saturating_duration_since(self.origin));
-        let bucket = self
-            .buckets
-            .get_with(limits.bucket, || Arc::new(Mutex::new(Vec::new())));
-        let mut slots = bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let windows: Vec<RateLimit> = limits
-            .windows
-            .iter()
-            .map(|w| w.scaled(self.share))
-            .collect();
-        if slots.len() != windows.len() || slots.iter().zip(&windows).any(|(s, w)| s.limit != *w) {
-            *slots = windows
+        let share = self.share;
+        let mut shard = self.shards[shard_of(&limits.bucket)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if shard.len() >= self.shard_capacity && !shard.contains_key(&limits.bucket) {
+            Self::make_room(&mut shard, now);
+        }
+        let slots = shard.entry(limits.bucket).or_default();
+        let current = slots.len() == limits.windows.len()
+            && slots
+                .iter()
+                .zip(limits.windows.iter())
+                .all(|(s, w)| s.counts_for(w, share));
+        if !current {
+            let rebuilt = limits
+                .windows
                 .iter()
                 .map(|w| {
-                    let tat = slots.iter().find(|s| s.limit == *w).map_or(0, |s| s.tat);
-                    Slot {
-                        limit: w.clone(),
-                        tat,
-                    }
+                    let mut slot = Slot::new(w, share);
+                    slot.tat = slots
+                        .iter()
+                        .find(|s| s.counts_for(w, share))
+                        .map_or(0, |s| s.tat);
+                    slot
                 })
                 .collect();
+            *slots = rebuilt;
         }
-        let steps: Vec<_> = slots
-            .iter()
-            .map(|s| step(&s.limit, s.tat, now, cost))
-            .collect();
-        let allowed = steps.iter().all(|(next, _, _)| next.is_some());
-        if allowed {
-            for (slot, (next, _, _)) in slots.iter_mut().zip(&steps) {
-                slot.tat = next.unwrap_or(slot.tat);
+        let slots = &mut *slots;
+        let mut allowed = true;
+        let mut retry = 0;
+        for slot in slots.iter() {
+            let (next, _, wait) = slot.step(now, cost);
+            if next.is_none() {
+                allowed = false;
+                retry = retry.max(wait);
             }
         }
-        let windows = steps
-            .iter()
-            .zip(slots.iter())
-            .map(|((_, fits_state, _), slot)| {
-                if allowed {
-                    *fits_state
-                } else {
-                    step(&slot.limit, slot.tat, now, 0).1
-                }
-            })
-            .collect();
+        let mut windows = Vec::with_capacity(slots.len());
+        for slot in slots.iter_mut() {
+            if allowed {
+                let (next, state, _) = slot.step(now, cost);
+                slot.tat = next.unwrap_or(slot.tat);
+                windows.push(state);
+            } else {
+                windows.push(slot.step(now, 0).1);
+            }
+        }
         RateDecision {
             allowed,
-            retry_after: Duration::from_nanos(steps.iter().map(|(_, _, r)| *r).max().unwrap_or(0)),
+            retry_after: Duration::from_nanos(retry),
             windows,
         }
     }
@@ -457,5 +562,34 @@ mod tests {
         assert!(local.check(&l, 7, t0).allowed);
         assert!(!local.check(&l, 4, t0).allowed);
         assert!(local.check(&l, 3, t0).allowed);
+    }
+
+    #[test]
+    fn a_full_shard_forgets_the_buckets_with_nothing_to_remember() {
+        let mut local = Local::new(1.0);
+        local.shard_capacity = 2;
+        let t0 = Instant::now();
+        // Keys of one shard: one busy (its window full), the rest idle.
+        let mut same_shard = Vec::new();
+        while same_shard.len() < 4 {
+            let l = limits(&[("burst", 2, 10)]);
+            if shard_of(&l.bucket) == 0 {
+                same_shard.push(l);
+            }
+        }
+        let [busy, idle, third, fourth] = <[Limits; 4]>::try_from(same_shard).ok().unwrap();
+        assert!(local.check(&busy, 2, t0).allowed);
+        assert!(local.check(&idle, 1, t0).allowed);
+        // Ten seconds on, `idle` is full again, `busy` is not (it spent 2 of
+        // 2, refilling one every 5 s, and spends again).
+        let later = t0 + Duration::from_secs(10);
+        assert!(local.check(&busy, 2, later).allowed);
+        assert!(local.check(&third, 1, later).allowed);
+        // `busy` kept its state: it has nothing left.
+        assert!(!local.check(&busy, 1, later).allowed);
+        // With no bucket full again, the one closest to full goes.
+        assert!(local.check(&fourth, 1, later).allowed);
+        assert!(local.shards[0].lock().unwrap().len() <= 2);
+        assert!(!local.check(&busy, 1, later).allowed);
     }
 }

@@ -5,5 +5,6 @@ pub mod end_to_end;
 pub mod flood;
 pub mod hits;
 pub mod invalid;
+pub mod limits;
 pub mod memory;
 pub mod misses;

@@ -15,6 +15,9 @@
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS builder
+# The commit, for keyward_build_info (.git is not in the build context).
+ARG REVISION=unknown
+ENV KEYWARD_GIT_SHA=${REVISION}
 WORKDIR /src
 # Protos compile with protox (pure Rust, see build.rs): the builder needs no
 # protoc, and mimalloc's C sources build with the image's cc.

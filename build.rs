@@ -1,7 +1,7 @@
 //! Compiles the protos with protox (pure Rust: no system `protoc`) and embeds
 //! the descriptor set for gRPC reflection.
 
-use std::{env, fs, path::PathBuf};
+use std::{env, fs, path::PathBuf, process::Command};
 
 use protox::prost::Message as _;
 
@@ -14,10 +14,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/keyward/v1/leaks.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
+    git_sha();
 
     let fds = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out_dir.join("keyward_descriptor.bin"), fds.encode_to_vec())?;
+    // Envoy's ext_authz service, for reflection only (see proto/vendor).
+    let envoy = protox::compile(
+        ["envoy/service/auth/v3/external_auth.proto"],
+        ["proto/vendor"],
+    )?;
+    fs::write(
+        out_dir.join("envoy_authz_descriptor.bin"),
+        envoy.encode_to_vec(),
+    )?;
 
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)
@@ -30,4 +40,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ])
         .compile_fds(fds)?;
     Ok(())
+}
+
+/// `KEYWARD_GIT_SHA` for `keyward_build_info`: from the environment (a
+/// container build passes it as a build argument), else from git, else
+/// `unknown`.
+fn git_sha() {
+    println!("cargo:rerun-if-env-changed=KEYWARD_GIT_SHA");
+    let sha = env::var("KEYWARD_GIT_SHA")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            let out = Command::new("git")
+                .args(["rev-parse", "--short=12", "HEAD"])
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=KEYWARD_GIT_SHA={sha}");
+    // Re-run when HEAD moves: HEAD itself (a checkout) and the branch it
+    // names (a commit). Only paths that exist: a missing one reruns always.
+    if let Ok(head) = fs::read_to_string(".git/HEAD") {
+        println!("cargo:rerun-if-changed=.git/HEAD");
+        if let Some(branch) = head.strip_prefix("ref: ") {
+            let path = format!(".git/{}", branch.trim());
+            if fs::metadata(&path).is_ok() {
+                println!("cargo:rerun-if-changed={path}");
+            }
+        }
+    }
 }

@@ -152,6 +152,10 @@ async fn main() {
         // loopback source; brute-force protection would answer 429 instead.
         "--brute-force-threshold",
         "0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--shutdown-delay",
+        "0s",
     ])
     .expect("config");
 

@@ -260,3 +260,27 @@ ensure_redis() {
   say "Redis did not come up at 127.0.0.1:6379"
   return 1
 }
+
+# Metrics tooling for scripts/parse_metrics.py (a /metrics scrape as JSON) and
+# scripts/promql_names.py (the metric names that deploy/prometheus and
+# deploy/grafana query): prometheus-client's exposition parsers, the PromQL
+# parser (the Python binding of GreptimeTeam's Rust promql-parser, shipped as
+# a prebuilt manylinux wheel: no Rust build) and PyYAML for the rule files.
+PROMETHEUS_CLIENT_VERSION=0.26.0  # PyPI prometheus-client
+PROMQL_PARSER_VERSION=0.12.0      # PyPI promql-parser (PromQL as of Prometheus 2.45)
+
+ensure_metrics_tools() {
+  local want have
+  want="$PROMETHEUS_CLIENT_VERSION $PROMQL_PARSER_VERSION $PYYAML_VERSION"
+  have=$("$TOOLS/bin/python3" -c '
+from importlib.metadata import version
+print(version("prometheus-client"), version("promql-parser"), version("PyYAML"))' 2>/dev/null) || true
+  [ "$have" = "$want" ] && return 0
+  ensure_venv
+  say "installing prometheus-client $PROMETHEUS_CLIENT_VERSION and promql-parser $PROMQL_PARSER_VERSION into .tools"
+  # Wheels only: a missing wheel fails here instead of building from source.
+  "$TOOLS/bin/pip" install -q --only-binary=:all: \
+    "prometheus-client==$PROMETHEUS_CLIENT_VERSION" \
+    "promql-parser==$PROMQL_PARSER_VERSION" \
+    "PyYAML==$PYYAML_VERSION" >&2
+}

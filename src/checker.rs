@@ -30,12 +30,13 @@ use crate::{
     limits::{
         LimitReport,
         credits::{Clock, CreditBook, NotSpent},
-        rate::RateLimiter,
+        rate::{RateLimiter, RateStats},
     },
+    metrics::{FrontDoors, Histogram, SLOW_BUCKETS},
     policy::{self, Decision, Reason},
     store::{Store, StoreError},
     throttle::{Source, SourceThrottle, ThrottleSettings},
-    usage::UsageRecorder,
+    usage::{UsageRecorder, UsageStats},
 };
 
 /// A check's answer: the decision and, once the key is known, its grant.
@@ -105,6 +106,10 @@ pub enum Cached {
     /// Not cached (or to be re-read first): the store must be read for this
     /// hash. The old entry, if any, may answer only if the store cannot be.
     Miss(KeyHash, Option<Arc<CachedKey>>),
+    /// Not cached, and the membership filter says no such key exists; a
+    /// lookup was granted from the unknown-key budget, in case the key was
+    /// minted elsewhere a moment ago.
+    Unlikely(KeyHash),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -113,8 +118,13 @@ pub struct CheckerSettings {
     pub unknown_lookups_per_second: u32,
     pub unknown_lookup_burst: u32,
     pub throttle: ThrottleSettings,
+    /// Count each check for metrics (cache hits); off with `--metrics-addr off`.
+    pub per_check_metrics: bool,
     /// Re-reads of stale entries at once (a share of the check connections).
     pub background_refreshes: usize,
+    /// Budgeted lookups of keys the filter rules out, at once (a share of
+    /// the check connections): beyond it the filter's word is taken.
+    pub unlikely_lookups: usize,
 }
 
 /// The settings' defaults (`config.rs`).
@@ -129,20 +139,98 @@ impl Default for CheckerSettings {
                 cooldown: Duration::from_secs(60),
             },
             background_refreshes: 3,
+            unlikely_lookups: 2,
+            per_check_metrics: true,
         }
     }
 }
 
 /// What the checker did that no store counter shows.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CheckerStats {
     filter_rejections: AtomicU64,
     budget_lookups: AtomicU64,
     sources_blocked: AtomicU64,
     blocked_checks: AtomicU64,
+    cache_hits: AtomicU64,
+    stale_answers: AtomicU64,
+    cache_misses: AtomicU64,
+    negative_hits: AtomicU64,
+    canary_trips: AtomicU64,
+    lookups_found: AtomicU64,
+    lookups_not_found: AtomicU64,
+    lookups_failed: AtomicU64,
+    lookup_duration: Histogram,
+}
+
+impl Default for CheckerStats {
+    fn default() -> Self {
+        Self {
+            filter_rejections: AtomicU64::new(0),
+            budget_lookups: AtomicU64::new(0),
+            sources_blocked: AtomicU64::new(0),
+            blocked_checks: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            stale_answers: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
+            negative_hits: AtomicU64::new(0),
+            canary_trips: AtomicU64::new(0),
+            lookups_found: AtomicU64::new(0),
+            lookups_not_found: AtomicU64::new(0),
+            lookups_failed: AtomicU64::new(0),
+            lookup_duration: Histogram::new(SLOW_BUCKETS),
+        }
+    }
 }
 
 impl CheckerStats {
+    /// Checks answered from a fresh cache entry.
+    pub fn cache_hits(&self) -> u64 {
+        self.cache_hits.load(Ordering::Relaxed)
+    }
+
+    /// Checks answered from an entry past its TTL (re-read in the background).
+    pub fn stale_answers(&self) -> u64 {
+        self.stale_answers.load(Ordering::Relaxed)
+    }
+
+    /// Checks of a key the cache did not hold, or held only to re-read
+    /// before use (filter rejections included: they are misses the filter
+    /// answered).
+    pub fn cache_misses(&self) -> u64 {
+        self.cache_misses.load(Ordering::Relaxed)
+    }
+
+    /// Checks answered unknown from the cache of unknown keys.
+    pub fn negative_hits(&self) -> u64 {
+        self.negative_hits.load(Ordering::Relaxed)
+    }
+
+    /// Presentations of canary keys.
+    pub fn canary_trips(&self) -> u64 {
+        self.canary_trips.load(Ordering::Relaxed)
+    }
+
+    /// Store reads for checks that found the key.
+    pub fn lookups_found(&self) -> u64 {
+        self.lookups_found.load(Ordering::Relaxed)
+    }
+
+    /// Store reads for checks that found no such key.
+    pub fn lookups_not_found(&self) -> u64 {
+        self.lookups_not_found.load(Ordering::Relaxed)
+    }
+
+    /// Store reads for checks that failed.
+    pub fn lookups_failed(&self) -> u64 {
+        self.lookups_failed.load(Ordering::Relaxed)
+    }
+
+    /// How long store reads for checks took.
+    pub fn lookup_duration(&self) -> &Histogram {
+        &self.lookup_duration
+    }
+
     /// Keys refused on the membership filter's word, without a lookup.
     pub fn filter_rejections(&self) -> u64 {
         self.filter_rejections.load(Ordering::Relaxed)
@@ -205,12 +293,15 @@ struct Inner {
     unknown_budget: Budget,
     /// Background re-reads of stale entries allowed at once.
     refreshes: Arc<tokio::sync::Semaphore>,
+    /// Budgeted lookups of filter-rejected keys allowed at once.
+    unlikely: Arc<tokio::sync::Semaphore>,
     rate: RateLimiter,
     credits: CreditBook,
     clock: Arc<dyn Clock>,
     /// Canary keys reported in the last second.
     canary_reports: moka::sync::Cache<KeyId, ()>,
     stats: CheckerStats,
+    doors: FrontDoors,
     /// When the last store failure was logged (ms since `origin`).
     last_failure_log_ms: AtomicU64,
     origin: Instant,
@@ -243,11 +334,15 @@ impl Checker {
                 refreshes: Arc::new(tokio::sync::Semaphore::new(
                     settings.background_refreshes.max(1),
                 )),
+                unlikely: Arc::new(tokio::sync::Semaphore::new(
+                    settings.unlikely_lookups.max(1),
+                )),
                 canary_reports: moka::sync::Cache::builder()
                     .max_capacity(10_000)
                     .time_to_live(Duration::from_secs(1))
                     .build(),
                 stats: CheckerStats::default(),
+                doors: FrontDoors::new(settings.per_check_metrics),
                 last_failure_log_ms: AtomicU64::new(0),
                 origin: Instant::now(),
             }),
@@ -256,6 +351,21 @@ impl Checker {
 
     pub fn cache(&self) -> &KeyCache {
         &self.inner.cache
+    }
+
+    /// What each front door answered, and how fast.
+    pub fn doors(&self) -> &FrontDoors {
+        &self.inner.doors
+    }
+
+    /// What the usage flusher wrote, carried over and dropped.
+    pub fn usage_stats(&self) -> &UsageStats {
+        self.inner.usage.stats()
+    }
+
+    /// What the rate limiter did that no answer shows.
+    pub fn rate_stats(&self) -> &RateStats {
+        self.inner.rate.stats()
     }
 
     pub fn filter(&self) -> &KeyFilter {
@@ -292,6 +402,18 @@ impl Checker {
         let mut outcome = match self.check_cached(credential, request) {
             Cached::Answered(outcome) => outcome,
             Cached::Miss(hash, old) => self.check_store(hash, old, request).await?,
+            Cached::Unlikely(hash) => match self.inner.unlikely.clone().try_acquire_owned() {
+                Ok(_permit) => self.check_store(hash, None, request).await?,
+                // Enough such lookups are running: a burst of forged keys
+                // must not queue for (and time out on) the check pool.
+                Err(_) => {
+                    self.inner
+                        .stats
+                        .filter_rejections
+                        .fetch_add(1, Ordering::Relaxed);
+                    Outcome::denied(Reason::UnknownKey)
+                }
+            },
         };
         if let Some(entry) = outcome.entry.as_ref().filter(|e| e.grant.canary) {
             self.canary_tripped(&entry.grant, request.resource, client);
@@ -329,17 +451,30 @@ impl Checker {
         };
         let inner = &*self.inner;
         let entry = match inner.cache.get(&hash) {
-            Some(Lookup::Fresh(entry)) => entry,
+            Some(Lookup::Fresh(entry)) => {
+                if inner.doors.counting() {
+                    inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                }
+                entry
+            }
             // Stale-while-revalidate: answer now, re-read in the background.
             // While the store is unreachable the stale entry keeps answering
             // until the cache drops it (soft TTL + stale_if_error).
             Some(Lookup::Stale(entry)) => {
+                inner.stats.stale_answers.fetch_add(1, Ordering::Relaxed);
                 self.refresh_in_background(hash);
                 entry
             }
-            Some(Lookup::Revalidate(entry)) => return Cached::Miss(hash, Some(entry)),
-            Some(Lookup::Unknown) => return Cached::Answered(Outcome::denied(Reason::UnknownKey)),
+            Some(Lookup::Revalidate(entry)) => {
+                inner.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+                return Cached::Miss(hash, Some(entry));
+            }
+            Some(Lookup::Unknown) => {
+                inner.stats.negative_hits.fetch_add(1, Ordering::Relaxed);
+                return Cached::Answered(Outcome::denied(Reason::UnknownKey));
+            }
             None => {
+                inner.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
                 if !inner.filter.might_contain(&hash) {
                     if !inner.unknown_budget.take() {
                         inner
@@ -349,6 +484,7 @@ impl Checker {
                         return Cached::Answered(Outcome::denied(Reason::UnknownKey));
                     }
                     inner.stats.budget_lookups.fetch_add(1, Ordering::Relaxed);
+                    return Cached::Unlikely(hash);
                 }
                 return Cached::Miss(hash, None);
             }
@@ -421,9 +557,21 @@ impl Checker {
     async fn read(&self, hash: KeyHash) -> Loaded {
         let inner = &*self.inner;
         let ticket = inner.cache.ticket(&hash);
-        match inner.store.find_grant(&hash).await {
-            Ok(found) => Ok(inner.cache.fill(ticket, hash, found)),
+        let started = Instant::now();
+        let found = inner.store.find_grant(&hash).await;
+        inner.stats.lookup_duration.observe(started.elapsed());
+        match found {
+            Ok(found) => {
+                let counter = if found.is_some() {
+                    &inner.stats.lookups_found
+                } else {
+                    &inner.stats.lookups_not_found
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                Ok(inner.cache.fill(ticket, hash, found))
+            }
             Err(err) => {
+                inner.stats.lookups_failed.fetch_add(1, Ordering::Relaxed);
                 if err.is_retryable() {
                     inner.store.suspect_connections();
                 }
@@ -519,6 +667,7 @@ impl Checker {
     /// canary must not flood the audit trail).
     fn canary_tripped(&self, key: &Grant, resource: Option<&str>, client: Option<IpAddr>) {
         let inner = &*self.inner;
+        inner.stats.canary_trips.fetch_add(1, Ordering::Relaxed);
         if inner.canary_reports.contains_key(&key.id) {
             return;
         }

@@ -93,6 +93,83 @@ pub struct Config {
     )]
     pub grpc_addr: SocketAddr,
 
+    /// A second gRPC address for the admin plane (KeyService, OwnerService,
+    /// AuditService, LeakService, reflection, health). When set, the main
+    /// address serves only the two Check services and health. Unset: one
+    /// address serves everything.
+    #[arg(long, env = "KEYWARD_ADMIN_ADDR", global = true)]
+    pub admin_addr: Option<SocketAddr>,
+
+    /// Prometheus metrics (`/metrics`) and HTTP probes (`/livez`,
+    /// `/readyz`); `off` serves none and stops counting per check.
+    #[arg(long, env = "KEYWARD_METRICS_ADDR", default_value = "0.0.0.0:9090", value_parser = parse_optional_addr, global = true)]
+    // Fully qualified: the parser itself returns the Option (`off`).
+    pub metrics_addr: std::option::Option<SocketAddr>,
+
+    /// PEM certificate chain and private key for TLS on the main gRPC
+    /// address; re-read when the files change.
+    #[arg(long, env = "KEYWARD_TLS_CERT", requires = "tls_key", global = true)]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    #[arg(long, env = "KEYWARD_TLS_KEY", requires = "tls_cert", global = true)]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// PEM CA certificates: with it, clients must present a certificate
+    /// signed by one of them (mTLS).
+    #[arg(
+        long,
+        env = "KEYWARD_TLS_CLIENT_CA",
+        requires = "tls_cert",
+        global = true
+    )]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// The same for the admin address (`--admin-addr`); unset: the admin
+    /// address uses the main address's TLS settings.
+    #[arg(
+        long,
+        env = "KEYWARD_ADMIN_TLS_CERT",
+        requires = "admin_tls_key",
+        global = true
+    )]
+    pub admin_tls_cert: Option<std::path::PathBuf>,
+
+    #[arg(
+        long,
+        env = "KEYWARD_ADMIN_TLS_KEY",
+        requires = "admin_tls_cert",
+        global = true
+    )]
+    pub admin_tls_key: Option<std::path::PathBuf>,
+
+    #[arg(
+        long,
+        env = "KEYWARD_ADMIN_TLS_CLIENT_CA",
+        requires = "admin_tls_cert",
+        global = true
+    )]
+    pub admin_tls_client_ca: Option<std::path::PathBuf>,
+
+    /// How often certificate files are checked for changes.
+    #[arg(long, env = "KEYWARD_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub tls_reload_interval: Duration,
+
+    /// A direct PostgreSQL connection URL for LISTEN, when `DATABASE_URL`
+    /// goes through PgBouncer in transaction mode (which cannot carry
+    /// LISTEN). Default: `DATABASE_URL`.
+    #[arg(
+        long,
+        env = "KEYWARD_LISTEN_DATABASE_URL",
+        hide_env_values = true,
+        global = true
+    )]
+    pub listen_database_url: Option<String>,
+
+    /// Apply migrations when the server starts (sqlx's advisory lock
+    /// serialises replicas); `false` when a migration job runs them.
+    #[arg(long, env = "KEYWARD_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub migrate_on_start: bool,
+
     /// Prefix of minted keys when a Mint call does not choose one.
     #[arg(long, env = "KEYWARD_KEY_PREFIX", default_value = "kw_live", value_parser = parse_prefix, global = true)]
     pub key_prefix: KeyPrefix,
@@ -259,8 +336,15 @@ pub struct Config {
     #[arg(long, env = "KEYWARD_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub http2_keepalive_timeout: Duration,
 
-    /// On SIGTERM/SIGINT, how long in-flight calls may finish before the
-    /// process exits anyway. Keep it below Kubernetes' terminationGracePeriodSeconds.
+    /// On SIGTERM/SIGINT, how long the server keeps serving after reporting
+    /// NOT_SERVING, so that load balancers and Envoy's health checks move
+    /// away before it stops accepting.
+    #[arg(long, env = "KEYWARD_SHUTDOWN_DELAY", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub shutdown_delay: Duration,
+
+    /// After the shutdown delay, how long in-flight calls may finish before
+    /// the process exits anyway. Keep delay + grace below Kubernetes'
+    /// terminationGracePeriodSeconds.
     #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_grace: Duration,
 
@@ -334,6 +418,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// An address, or `off`.
+fn parse_optional_addr(s: &str) -> Result<Option<SocketAddr>, String> {
+    match s.trim() {
+        "off" | "" => Ok(None),
+        addr => addr
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{addr:?} is neither host:port nor off")),
+    }
+}
+
 /// `65536`, `64KiB`, `512MiB`, `1GiB` (also `KB`/`MB`/`GB`, as powers of 1000).
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -389,6 +484,7 @@ impl Config {
     pub fn db(&self) -> DbOptions {
         DbOptions {
             url: self.database_url.clone(),
+            listen_url: self.listen_database_url.clone(),
             max_connections: self.db_max_connections,
             check_connections: self.db_check_connections,
             acquire_timeout: self.db_acquire_timeout,

@@ -23,7 +23,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -35,6 +35,7 @@ use crate::{
     cache::KeyCache,
     filter::KeyFilter,
     limits::credits::CreditBook,
+    metrics::{Histogram, SLOW_BUCKETS},
     store::{Heard, Listener, Notice, Store, StoreError},
     telemetry::chain,
 };
@@ -44,14 +45,67 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// How long changes took to reach this replica: from the change (database
 /// clock, just before commit) to the eviction here.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LagStats {
     notices: AtomicU64,
     last_us: AtomicI64,
     max_us: AtomicI64,
+    histogram: Histogram,
+    /// Notices applied, by [`OPS`].
+    by_op: [AtomicU64; OPS.len()],
+    connected: AtomicBool,
+}
+
+/// The kinds of notice, as metrics name them.
+const OPS: [&str; 5] = ["key_changed", "key_created", "resync", "owner", "credits"];
+
+impl Default for LagStats {
+    fn default() -> Self {
+        Self {
+            notices: AtomicU64::new(0),
+            last_us: AtomicI64::new(0),
+            max_us: AtomicI64::new(0),
+            histogram: Histogram::new(SLOW_BUCKETS),
+            by_op: Default::default(),
+            connected: AtomicBool::new(false),
+        }
+    }
 }
 
 impl LagStats {
+    /// Propagation delays of key changes, as a histogram.
+    pub fn histogram(&self) -> &Histogram {
+        &self.histogram
+    }
+
+    /// Notices applied so far, by kind.
+    pub fn by_op(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        OPS.iter()
+            .zip(&self.by_op)
+            .map(|(op, n)| (*op, n.load(Ordering::Relaxed)))
+    }
+
+    /// Whether the listener is connected and caught up now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// The listener task died: it is not listening until started again.
+    pub fn mark_disconnected(&self) {
+        self.connected.store(false, Ordering::Relaxed);
+    }
+
+    fn applied(&self, notice: &Notice) {
+        let i = match notice {
+            Notice::Changed(_) => 0,
+            Notice::Inserted(_) => 1,
+            Notice::Resync => 2,
+            Notice::Owner(_) => 3,
+            Notice::Credits(_) => 4,
+        };
+        self.by_op[i].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn notices(&self) -> u64 {
         self.notices.load(Ordering::Relaxed)
     }
@@ -65,6 +119,7 @@ impl LagStats {
     }
 
     fn observe(&self, lag_us: i64) {
+        self.histogram.observe(micros(lag_us));
         self.notices.fetch_add(1, Ordering::Relaxed);
         self.last_us.store(lag_us, Ordering::Relaxed);
         self.max_us.fetch_max(lag_us, Ordering::Relaxed);
@@ -76,6 +131,7 @@ fn micros(us: i64) -> Duration {
 }
 
 /// What the listener task works on.
+#[derive(Clone)]
 pub struct Listening {
     pub store: Store,
     pub cache: KeyCache,
@@ -87,15 +143,18 @@ pub struct Listening {
     pub credits: CreditBook,
 }
 
-/// Starts the listener. The receiver counts `LISTEN` sessions established
-/// and caught up.
-pub fn spawn(listening: Listening) -> (JoinHandle<()>, watch::Receiver<u64>) {
-    let (sessions_tx, sessions_rx) = watch::channel(0u64);
-    let task = tokio::spawn(run(listening, sessions_tx));
-    (task, sessions_rx)
+/// Counts `LISTEN` sessions established and caught up, across restarts of
+/// the listener task.
+pub type Sessions = Arc<watch::Sender<u64>>;
+
+/// Starts the listener, counting its sessions in `sessions`. A listener
+/// started again after its task died catches up as after a reconnect, from
+/// no record of what was heard: every cached key is re-read before use.
+pub fn spawn(listening: Listening, sessions: Sessions) -> JoinHandle<()> {
+    tokio::spawn(run(listening, sessions))
 }
 
-async fn run(l: Listening, sessions: watch::Sender<u64>) {
+async fn run(l: Listening, sessions: Sessions) {
     let keepalive = l.store.keepalive();
     let mut backoff = BACKOFF_MIN;
     // The database time up to which every notice is known to have arrived.
@@ -116,6 +175,7 @@ async fn run(l: Listening, sessions: watch::Sender<u64>) {
             }
         };
         backoff = BACKOFF_MIN;
+        l.lag.connected.store(true, Ordering::Relaxed);
         sessions.send_modify(|n| *n += 1);
         tracing::info!(session = sessions_so_far + 1, "listening for invalidations");
 
@@ -149,6 +209,7 @@ async fn run(l: Listening, sessions: watch::Sender<u64>) {
                 tracing::warn!(error = %chain(&err), "cannot reload the outgrown key filter");
             }
         }
+        l.lag.connected.store(false, Ordering::Relaxed);
     }
 }
 
@@ -205,6 +266,7 @@ async fn catch_up(l: &Listening, heard_until: Option<DateTime<Utc>>) {
 }
 
 async fn apply(l: &Listening, what: Notice, at: Option<DateTime<Utc>>) -> Result<(), StoreError> {
+    l.lag.applied(&what);
     match what {
         Notice::Changed(hash) => {
             l.cache.invalidate(&hash);

@@ -21,13 +21,18 @@ use keyward::{
 fn main() -> anyhow::Result<()> {
     keep_freed_pages();
     let config = Config::parse();
-    telemetry::init(config.log_format, &config.log_filter)
-        .map_err(|e| anyhow::anyhow!(e))
-        .context("invalid log settings")?;
     let runtime = config
         .build_runtime()
         .context("cannot start the tokio runtime")?;
-    runtime.block_on(run(config))
+    runtime.block_on(async {
+        // In the runtime: the trace exporter's channel lives on it.
+        let telemetry = telemetry::init(config.log_format, &config.log_filter)
+            .map_err(|e| anyhow::anyhow!(e))
+            .context("invalid log or trace settings")?;
+        let result = run(config).await;
+        telemetry.shutdown().await;
+        result
+    })
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -13,6 +13,11 @@ pub use keyward::v1::*;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/keyward_descriptor.bin"));
 
+/// Descriptors of Envoy's `envoy.service.auth.v3.Authorization` and what it
+/// uses (proto/vendor), so that reflection describes it too.
+pub const ENVOY_AUTHZ_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/envoy_authz_descriptor.bin"));
+
 // Messages that carry a plaintext key print everything but the key.
 
 impl std::fmt::Debug for MintResponse {

@@ -28,6 +28,28 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in declaration order (`index` is the position here).
+    pub const ALL: [Reason; 13] = [
+        Reason::MissingKey,
+        Reason::MalformedKey,
+        Reason::UnknownKey,
+        Reason::Revoked,
+        Reason::Expired,
+        Reason::Disabled,
+        Reason::OwnerInactive,
+        Reason::IpForbidden,
+        Reason::ResourceForbidden,
+        Reason::ScopeMissing,
+        Reason::RateLimited,
+        Reason::UsageExceeded,
+        Reason::Ok,
+    ];
+
+    /// The position in [`Reason::ALL`], for per-reason counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn is_allowed(self) -> bool {
         self == Reason::Ok
     }
@@ -337,6 +359,13 @@ mod tests {
 
     fn record() -> Grant {
         Grant::for_test("acme", &["orders:read"])
+    }
+
+    #[test]
+    fn every_reason_is_listed_once_at_its_index() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?}");
+        }
     }
 
     fn reason(key: &Grant, req: &Request<'_>) -> Reason {

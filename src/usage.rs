@@ -32,6 +32,45 @@ pub trait Used: Send + Sync {
 #[derive(Default)]
 pub struct UsageRecorder {
     queue: Mutex<Vec<Arc<dyn Used>>>,
+    stats: UsageStats,
+}
+
+/// What the flusher did: for metrics.
+#[derive(Debug, Default)]
+pub struct UsageStats {
+    flushes_ok: AtomicU64,
+    flushes_failed: AtomicU64,
+    rows_written: AtomicU64,
+    carried_over: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl UsageStats {
+    /// Batched writes that succeeded (empty batches are not written).
+    pub fn flushes_ok(&self) -> u64 {
+        self.flushes_ok.load(Ordering::Relaxed)
+    }
+
+    /// Batched writes that failed (their uses are carried over).
+    pub fn flushes_failed(&self) -> u64 {
+        self.flushes_failed.load(Ordering::Relaxed)
+    }
+
+    /// Keys whose usage was written (one row each per write).
+    pub fn rows_written(&self) -> u64 {
+        self.rows_written.load(Ordering::Relaxed)
+    }
+
+    /// Uses kept for the next write after a failed one.
+    pub fn carried_over(&self) -> u64 {
+        self.carried_over.load(Ordering::Relaxed)
+    }
+
+    /// Uses dropped: too many keys waited, or the database was down at
+    /// shutdown.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
 }
 
 impl std::fmt::Debug for UsageRecorder {
@@ -41,6 +80,10 @@ impl std::fmt::Debug for UsageRecorder {
 }
 
 impl UsageRecorder {
+    pub fn stats(&self) -> &UsageStats {
+        &self.stats
+    }
+
     pub fn record<T: Used + 'static>(&self, entry: &Arc<T>, now: DateTime<Utc>) {
         let usage = entry.usage();
         usage.uses.fetch_add(1, Ordering::Relaxed);
@@ -135,7 +178,9 @@ pub fn spawn_flusher(
             };
             let mut batch = recorder.drain();
             let dropped = carry_over(std::mem::take(&mut pending), &mut batch, CARRY_CAP);
+            let stats = recorder.stats();
             if dropped > 0 {
+                stats.dropped.fetch_add(dropped, Ordering::Relaxed);
                 tracing::warn!(
                     dropped_uses = dropped,
                     keys_kept = CARRY_CAP,
@@ -146,12 +191,28 @@ pub fn spawn_flusher(
             let written = tokio::time::timeout(timeout, store.record_usage(&batch))
                 .await
                 .unwrap_or(Err(crate::store::StoreError::Timeout(timeout)));
-            if let Err(err) = written {
-                tracing::warn!(error = %crate::telemetry::chain(&err), keys = batch.len(), "cannot write key usage; will retry");
-                pending = batch;
+            match written {
+                Ok(()) if !batch.is_empty() => {
+                    stats.flushes_ok.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .rows_written
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+                Ok(()) => {}
+                Err(err) => {
+                    tracing::warn!(error = %crate::telemetry::chain(&err), keys = batch.len(), "cannot write key usage; will retry");
+                    stats.flushes_failed.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .carried_over
+                        .fetch_add(batch.iter().map(|w| w.uses).sum(), Ordering::Relaxed);
+                    pending = batch;
+                }
             }
             if stopping {
                 if !pending.is_empty() {
+                    stats
+                        .dropped
+                        .fetch_add(pending.iter().map(|w| w.uses).sum(), Ordering::Relaxed);
                     tracing::warn!(keys = pending.len(), "key usage lost at shutdown");
                 }
                 return;

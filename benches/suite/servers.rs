@@ -76,6 +76,7 @@ impl Server {
             ])
             .args(["--log-filter", "warn", "--brute-force-threshold", "0"])
             .args(["--cache-ttl", "10m"])
+            .args(["--metrics-addr", "127.0.0.1:0", "--shutdown-delay", "0s"])
             .args(extra)
             .spawn()
             .expect("start keyward");

@@ -1,15 +1,23 @@
 //! `keyward.v1.CheckService`: the data plane for services that call keyward
 //! directly.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Instant};
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use super::{
-    duration, exact_duration, reason_pb,
+    check_error, duration, exact_duration, reason_pb, record_outcome,
     status::{ApiError, undecided_status},
 };
-use crate::{checker::Checker, key::Invalid, pb, policy};
+use crate::{
+    checker::{Checker, Undecided},
+    key::Invalid,
+    metrics::Door,
+    pb,
+    policy::{self, Reason},
+    telemetry,
+};
 
 #[derive(Debug, Clone)]
 pub struct CheckApi {
@@ -20,20 +28,19 @@ impl CheckApi {
     pub fn new(checker: Checker) -> Self {
         Self { checker }
     }
-}
 
-#[tonic::async_trait]
-impl pb::check_service_server::CheckService for CheckApi {
-    async fn check(
+    async fn answer(
         &self,
         request: Request<pb::CheckRequest>,
-    ) -> Result<Response<pb::CheckResponse>, Status> {
+    ) -> Result<(Reason, Response<pb::CheckResponse>), Answered> {
         let peer = request.remote_addr().map(|a| a.ip());
         let req = request.into_inner();
         let client_ip = match req.client_ip.as_str() {
             "" => None,
             ip => Some(ip.parse::<IpAddr>().map_err(|_| {
-                ApiError::invalid("client_ip", Invalid::new("is not an IP address"))
+                Answered::Invalid(
+                    ApiError::invalid("client_ip", Invalid::new("is not an IP address")).into(),
+                )
             })?),
         };
         let scopes: Vec<&str> = req.required_scopes.iter().map(String::as_str).collect();
@@ -47,7 +54,8 @@ impl pb::check_service_server::CheckService for CheckApi {
             .checker
             .check(Some(&req.key), &policy_req, client_ip.or(peer))
             .await
-            .map_err(undecided_status)?;
+            .map_err(Answered::Undecided)?;
+        record_outcome(&outcome);
 
         let decision = &outcome.decision;
         let mut resp = pb::CheckResponse {
@@ -87,6 +95,52 @@ impl pb::check_service_server::CheckService for CheckApi {
                     .collect();
             }
         }
-        Ok(Response::new(resp))
+        Ok((outcome.decision.reason, Response::new(resp)))
+    }
+}
+
+/// Why a check has no answer.
+enum Answered {
+    /// A malformed request: not a check, not counted.
+    Invalid(Status),
+    Undecided(Undecided),
+}
+
+#[tonic::async_trait]
+impl pb::check_service_server::CheckService for CheckApi {
+    async fn check(
+        &self,
+        request: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let doors = self.checker.doors();
+        let started = doors.counting().then(Instant::now);
+        let span = telemetry::check_span(
+            Door::Check,
+            request
+                .metadata()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok()),
+        );
+        let answered = if span.is_none() {
+            self.answer(request).await
+        } else {
+            self.answer(request).instrument(span.clone()).await
+        };
+        let door = doors.counted(Door::Check).zip(started);
+        match answered {
+            Ok((reason, response)) => {
+                if let Some((door, started)) = door {
+                    door.answered(reason, started.elapsed());
+                }
+                Ok(response)
+            }
+            Err(Answered::Invalid(status)) => Err(status),
+            Err(Answered::Undecided(err)) => {
+                if let Some((door, started)) = door {
+                    door.failed(check_error(&err), started.elapsed());
+                }
+                Err(undecided_status(err))
+            }
+        }
     }
 }

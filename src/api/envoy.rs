@@ -18,7 +18,7 @@
 //!   are stripped and every `x-keyward-*` header is set (overwriting what a
 //!   client sent) before the request goes upstream.
 
-use std::{borrow::Cow, collections::HashMap, fmt::Write as _, net::IpAddr};
+use std::{borrow::Cow, collections::HashMap, fmt::Write as _, net::IpAddr, time::Instant};
 
 use envoy_types::{
     ext_authz::v3::{
@@ -37,14 +37,17 @@ use envoy_types::{
     },
 };
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use super::{
-    retry_after_secs,
+    check_error, record_outcome, retry_after_secs,
     status::{reason_code, undecided_status},
 };
 use crate::{
-    checker::{Checker, Outcome},
+    checker::{Checker, Outcome, Undecided},
+    metrics::Door,
     policy::{self, Reason},
+    telemetry,
 };
 
 pub const HEADER_KEY_ID: &str = "x-keyward-key-id";
@@ -87,7 +90,51 @@ impl Authorization for EnvoyApi {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let req = request.into_inner();
+        let doors = self.checker.doors();
+        let started = doors.counting().then(Instant::now);
+        // Envoy sends its span's context in the call's metadata when it
+        // traces; else the client's may be among the forwarded headers.
+        let req = request.get_ref();
+        let traceparent = if telemetry::traced() {
+            request
+                .metadata()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .or_else(|| {
+                    let http = req.attributes.as_ref()?.request.as_ref()?.http.as_ref()?;
+                    header(http, "traceparent").map(Cow::into_owned)
+                })
+        } else {
+            None
+        };
+        let span = telemetry::check_span(Door::Envoy, traceparent.as_deref());
+        let decided = if span.is_none() {
+            self.decide(req).await
+        } else {
+            self.decide(req).instrument(span.clone()).await
+        };
+        let door = doors.counted(Door::Envoy).zip(started);
+        match decided {
+            Ok(outcome) => {
+                let response = respond(&outcome, &self.options);
+                if let Some((door, started)) = door {
+                    door.answered(outcome.decision.reason, started.elapsed());
+                }
+                Ok(Response::new(response))
+            }
+            Err(err) => {
+                if let Some((door, started)) = door {
+                    door.failed(check_error(&err), started.elapsed());
+                }
+                Err(undecided_status(err))
+            }
+        }
+    }
+}
+
+impl EnvoyApi {
+    async fn decide(&self, req: &CheckRequest) -> Result<Outcome, Undecided> {
         let attrs = req.attributes.as_ref();
         let http = attrs
             .and_then(|a| a.request.as_ref())
@@ -119,11 +166,11 @@ impl Authorization for EnvoyApi {
                 };
                 self.checker
                     .check(credential.as_deref(), &policy_req, client)
-                    .await
-                    .map_err(undecided_status)?
+                    .await?
             }
         };
-        Ok(Response::new(respond(&outcome, &self.options)))
+        record_outcome(&outcome);
+        Ok(outcome)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod check;
 pub mod envoy;
 pub mod leaks;
+pub mod observed;
 pub mod shed;
 pub mod status;
 
@@ -16,6 +17,30 @@ use crate::{
     pb,
     policy::Reason,
 };
+
+/// Names the decision on the check's span, when the check is traced.
+pub(crate) fn record_outcome(outcome: &crate::checker::Outcome) {
+    if !crate::telemetry::traced() {
+        return;
+    }
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    span.record("keyward.reason", outcome.decision.reason.as_str());
+    if let Some(key) = outcome.key() {
+        span.record("keyward.key_id", tracing::field::display(&key.id));
+        span.record("keyward.owner_id", tracing::field::display(&key.owner_id));
+    }
+}
+
+/// A check without a decision, as metrics count it.
+pub(crate) fn check_error(err: &crate::checker::Undecided) -> crate::metrics::CheckError {
+    match err {
+        crate::checker::Undecided::Unavailable => crate::metrics::CheckError::Unavailable,
+        crate::checker::Undecided::Internal => crate::metrics::CheckError::Internal,
+    }
+}
 
 pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {

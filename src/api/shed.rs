@@ -16,6 +16,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Status, body::Body, server::NamedService};
 use tower_service::Service;
 
+use crate::{checker::Checker, metrics::Door};
+
 /// One permit per check in flight, shared by the services it wraps.
 #[derive(Debug, Clone)]
 pub struct InFlight {
@@ -32,10 +34,13 @@ impl InFlight {
         }
     }
 
-    pub fn wrap<S>(&self, inner: S) -> Shed<S> {
+    /// `inner`, shedding beyond the limit; each shed call is counted on
+    /// `door`'s counters.
+    pub fn wrap<S>(&self, inner: S, checker: Checker, door: Door) -> Shed<S> {
         Shed {
             inner,
             permits: self.permits.clone(),
+            counted: (checker, door),
         }
     }
 
@@ -49,6 +54,7 @@ impl InFlight {
 pub struct Shed<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    counted: (Checker, Door),
 }
 
 impl<S: NamedService> NamedService for Shed<S> {
@@ -73,7 +79,13 @@ where
                 call: self.inner.call(req),
                 _permit: permit,
             },
-            Err(_) => Shedding::Refused,
+            Err(_) => {
+                let (checker, door) = &self.counted;
+                if let Some(door) = checker.doors().counted(*door) {
+                    door.shed();
+                }
+                Shedding::Refused
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use sqlx::{Postgres, QueryBuilder, types::Json};
 use uuid::Uuid;
 
+use super::statements::prepared;
 use super::{Store, StoreError};
 use crate::key::{KeyId, OwnerId};
 
@@ -91,7 +92,13 @@ impl Store {
         sql.push(" ORDER BY id LIMIT ")
             .push_bind(i64::from(q.limit) + 1);
         let rows: Vec<AuditRow> = self
-            .bounded(async { Ok(sql.build_query_as().fetch_all(&self.pool).await?) })
+            .bounded(async {
+                Ok(sql
+                    .build_query_as()
+                    .persistent(prepared())
+                    .fetch_all(&self.pool)
+                    .await?)
+            })
             .await?;
         let mut events: Vec<AuditEvent> = rows
             .into_iter()

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::statements::prepared;
 use super::{Store, StoreError};
 use crate::key::{KeyId, RefillInterval};
 
@@ -85,6 +86,7 @@ impl Store {
             .bind(need)
             .bind(max_block)
             .bind(now)
+            .persistent(prepared())
             .fetch_optional(&self.checks)
             .await?;
             Ok(row.map(
@@ -124,6 +126,7 @@ impl Store {
         .bind(credits)
         .bind(versions)
         .bind(periods)
+        .persistent(prepared())
         .execute(&self.pool);
         self.bounded(async { Ok(statement.await?) }).await?;
         Ok(())

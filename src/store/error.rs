@@ -26,6 +26,12 @@ pub enum StoreError {
     Refused(#[from] Refusal),
     #[error("migration failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
+    /// Start-up without migrating found a schema this build does not match.
+    #[error(
+        "the database schema is behind this keyward: {missing} migration(s) not applied \
+         (run `keyward migrate`, or the chart's migration job, first)"
+    )]
+    Schema { missing: usize },
 }
 
 /// Why a change was refused on the row as it stands.

@@ -10,6 +10,7 @@ use serde_json::json;
 use sqlx::{PgConnection, Postgres, QueryBuilder, types::Json};
 use uuid::Uuid;
 
+use super::statements::prepared;
 use super::{Refusal, Store, StoreError, owners::OwnerRow};
 use crate::key::{
     Credits, Grant, KeyHash, KeyId, KeyRecord, Limits, Metadata, Network, NewKey, OwnerId,
@@ -337,6 +338,7 @@ impl Store {
                             "SELECT updated_at FROM owners WHERE id = $1 FOR UPDATE",
                         )
                         .bind(owner.id.as_str())
+                        .persistent(prepared())
                         .fetch_optional(&mut *tx)
                         .await?;
                         if locked != Some(owner.updated_at) {
@@ -371,13 +373,18 @@ impl Store {
     pub async fn find_grant(&self, hash: &KeyHash) -> Result<Option<Grant>, StoreError> {
         self.stats.key_lookups.fetch_add(1, Ordering::Relaxed);
         let lookup = async {
+            let mut conn = {
+                let _waiting = self.stats.waiting_for_check_connection();
+                self.checks.acquire().await?
+            };
             let row: Option<GrantRow> = sqlx::query_as(concat!(
                 "SELECT ",
                 grant_columns!(),
                 " FROM keys k WHERE k.hash = $1"
             ))
             .bind(hash.as_bytes().as_slice())
-            .fetch_optional(&self.checks)
+            .persistent(prepared())
+            .fetch_optional(&mut *conn)
             .await?;
             row.map(Grant::try_from).transpose()
         };
@@ -395,7 +402,12 @@ impl Store {
         ))
         .bind(hash.as_bytes().as_slice());
         let row: Option<KeyRow> = self
-            .bounded(async { Ok(query.fetch_optional(&self.pool).await?) })
+            .bounded(async {
+                Ok(query
+                    .persistent(prepared())
+                    .fetch_optional(&self.pool)
+                    .await?)
+            })
             .await?;
         row.map(KeyRecord::try_from).transpose()
     }
@@ -407,6 +419,7 @@ impl Store {
         let mut conn = self.pool.acquire().await?;
         let mut rows =
             sqlx::query_scalar::<_, Vec<u8>>("SELECT substring(hash FROM 1 FOR 8) FROM keys")
+                .persistent(prepared())
                 .fetch(&mut *conn);
         let mut n = 0;
         while let Some(prefix) = rows.next().await {
@@ -428,6 +441,7 @@ impl Store {
             let n: f32 = sqlx::query_scalar(
                 "SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = 'keys'::regclass",
             )
+            .persistent(prepared())
             .fetch_one(&self.pool)
             .await?;
             Ok(n as u64)
@@ -447,12 +461,14 @@ impl Store {
                  UNION ALL SELECT hash FROM key_tombstones WHERE deleted_at >= $1",
             )
             .bind(since)
+            .persistent(prepared())
             .fetch_all(&self.pool)
             .await?;
             let owners: Vec<String> = sqlx::query_scalar(
                 "SELECT id FROM owners WHERE updated_at >= $1 AND updated_at > created_at",
             )
             .bind(since)
+            .persistent(prepared())
             .fetch_all(&self.pool)
             .await?;
             let keys = hashes
@@ -482,7 +498,7 @@ impl Store {
         .bind(id.as_uuid())
         .bind(owner.map(OwnerId::as_str));
         let row: KeyRow = self
-            .bounded(async { Ok(query.fetch_one(&self.pool).await?) })
+            .bounded(async { Ok(query.persistent(prepared()).fetch_one(&self.pool).await?) })
             .await?;
         row.try_into()
     }
@@ -552,6 +568,7 @@ impl Store {
             ))
             .bind(id.as_uuid())
             .bind(reason)
+            .persistent(prepared())
             .fetch_one(&mut *tx)
             .await?;
             let record = KeyRecord::try_from(row)?;
@@ -591,6 +608,7 @@ impl Store {
             .bind(id.as_uuid())
             .bind(disabled)
             .bind(by_admin)
+            .persistent(prepared())
             .fetch_one(&mut *tx)
             .await?;
             let record = KeyRecord::try_from(row)?;
@@ -626,6 +644,7 @@ impl Store {
                 " FROM owners WHERE id = $1 FOR SHARE"
             ))
             .bind(current.owner_id.as_str())
+            .persistent(prepared())
             .fetch_one(&mut *tx)
             .await?;
             check(&current, &OwnerRecord::try_from(owner_row)?)?;
@@ -686,7 +705,11 @@ impl Store {
                 .push(" WHERE k.id = ")
                 .push_bind(id.as_uuid())
                 .push(concat!(" RETURNING ", key_columns!()));
-            let _: KeyRow = update.build_query_as().fetch_one(&mut *tx).await?;
+            let _: KeyRow = update
+                .build_query_as()
+                .persistent(prepared())
+                .fetch_one(&mut *tx)
+                .await?;
             let bucket = current.bucket_id.as_uuid();
             apply_credit_changes(&mut tx, bucket, &current, changes).await?;
             let row: KeyRow = sqlx::query_as(concat!(
@@ -695,6 +718,7 @@ impl Store {
                 " FROM keys k WHERE k.id = $1"
             ))
             .bind(id.as_uuid())
+            .persistent(prepared())
             .fetch_one(&mut *tx)
             .await?;
             let record = KeyRecord::try_from(row)?;
@@ -746,6 +770,7 @@ impl Store {
             let owner_updated: DateTime<Utc> =
                 sqlx::query_scalar("SELECT updated_at FROM owners WHERE id = $1")
                     .bind(current.owner_id.as_str())
+                    .persistent(prepared())
                     .fetch_one(&mut *tx)
                     .await?;
             let new_row = insert_key_row(&mut tx, new, actor, owner_updated)
@@ -765,6 +790,7 @@ impl Store {
             .bind(old_id.as_uuid())
             .bind(new.id().as_uuid())
             .bind(old_expires_at)
+            .persistent(prepared())
             .fetch_one(&mut *tx)
             .await?;
             let old = KeyRecord::try_from(old_row)?;
@@ -838,6 +864,7 @@ impl Store {
                         .bind(after)
                         .bind(q.include_revoked)
                         .bind(limit)
+                        .persistent(prepared())
                         .fetch_all(&self.pool)
                         .await?
                     }
@@ -852,6 +879,7 @@ impl Store {
                         .bind(after)
                         .bind(q.include_revoked)
                         .bind(limit)
+                        .persistent(prepared())
                         .fetch_all(&self.pool)
                         .await?
                     }
@@ -960,6 +988,7 @@ async fn insert_key_row(
             .and_then(|c| c.refill)
             .map(|(interval, _)| interval.period_start(Utc::now())),
     )
+    .persistent(prepared())
     .fetch_optional(conn)
     .await?;
     // The statement's one snapshot cannot see its own credits row.
@@ -979,6 +1008,7 @@ async fn count_live_keys(conn: &mut PgConnection, owner: &OwnerId) -> Result<u64
          AND (expires_at IS NULL OR expires_at > now())",
     )
     .bind(owner.as_str())
+    .persistent(prepared())
     .fetch_one(conn)
     .await?;
     Ok(u64::try_from(n).unwrap_or(0))
@@ -1002,6 +1032,7 @@ async fn keep_an_admin(conn: &mut PgConnection, target: &KeyRecord) -> Result<()
            AND o.active \
          ORDER BY k.id FOR UPDATE OF k",
     )
+    .persistent(prepared())
     .fetch_all(&mut *conn)
     .await?;
     if admins.iter().all(|id| *id == target.id.as_uuid()) {
@@ -1053,6 +1084,7 @@ async fn apply_credit_changes(
             .bind(refill.map(|(i, _)| i.as_str()))
             .bind(refill.map(|(_, a)| i64::try_from(a).unwrap_or(i64::MAX)))
             .bind(refill.map(|(i, _)| i.period_start(Utc::now())))
+            .persistent(prepared())
             .execute(&mut *conn)
             .await?;
         }
@@ -1060,6 +1092,7 @@ async fn apply_credit_changes(
             // Deleting notifies nobody: the flag on the keys below does.
             sqlx::query("DELETE FROM credits WHERE bucket_id = $1")
                 .bind(bucket)
+                .persistent(prepared())
                 .execute(&mut *conn)
                 .await?;
         }
@@ -1071,6 +1104,7 @@ async fn apply_credit_changes(
         )
         .bind(bucket)
         .bind(c.is_some())
+        .persistent(prepared())
         .execute(&mut *conn)
         .await?;
     }
@@ -1090,6 +1124,7 @@ async fn apply_credit_changes(
         )
         .bind(bucket)
         .bind(n)
+        .persistent(prepared())
         .execute(&mut *conn)
         .await?;
     }
@@ -1176,6 +1211,7 @@ async fn lock_key(
     ))
     .bind(id.as_uuid())
     .bind(owner.map(OwnerId::as_str))
+    .persistent(prepared())
     .fetch_one(&mut *conn)
     .await?;
     row.try_into()
@@ -1210,6 +1246,7 @@ async fn audit_key(
     .bind(owner_id.as_str())
     .bind(Json(details))
     .bind(actor.remote())
+    .persistent(prepared())
     .execute(conn)
     .await?;
     Ok(())

@@ -14,7 +14,7 @@ use std::{
     str::FromStr,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -49,6 +49,9 @@ fn migrator() -> sqlx::migrate::Migrator {
 #[derive(Debug, Clone)]
 pub struct DbOptions {
     pub url: String,
+    /// A direct connection for LISTEN and migrations when `url` goes
+    /// through a transaction-pooling PgBouncer; `None`: `url`.
+    pub listen_url: Option<String>,
     /// Connections in both pools together.
     pub max_connections: u32,
     /// Of those, the most that check lookups may use.
@@ -71,10 +74,22 @@ pub struct DbOptions {
 }
 
 impl DbOptions {
+    /// Where LISTEN and migrations connect.
+    pub fn direct_url(&self) -> &str {
+        self.listen_url.as_deref().unwrap_or(&self.url)
+    }
+
+    /// Whether `url` is a transaction-pooling PgBouncer: assumed when a
+    /// separate direct URL is given for LISTEN.
+    pub fn transaction_pooling(&self) -> bool {
+        self.listen_url.as_deref().is_some_and(|l| l != self.url)
+    }
+
     /// Defaults fit for tools and tests: the given URL, small pools.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            listen_url: None,
             max_connections: 10,
             check_connections: 6,
             acquire_timeout: Duration::from_secs(2),
@@ -151,9 +166,32 @@ pub struct StoreStats {
     admin_lookups: AtomicU64,
     usage_writes: AtomicU64,
     credit_reservations: AtomicU64,
+    check_pool_waiting: AtomicI64,
+}
+
+/// One pool's connections, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolStats {
+    pub name: &'static str,
+    pub size: u32,
+    pub idle: usize,
+}
+
+/// Counts a lookup as waiting for a connection while it lives.
+pub(crate) struct Waiting<'a>(&'a AtomicI64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl StoreStats {
+    pub(crate) fn waiting_for_check_connection(&self) -> Waiting<'_> {
+        self.check_pool_waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(&self.check_pool_waiting)
+    }
+
     /// `SELECT`s of a key by hash for checks (cache misses, revalidations).
     pub fn key_lookups(&self) -> u64 {
         self.key_lookups.load(Ordering::Relaxed)
@@ -180,34 +218,67 @@ impl Store {
     /// Connects, creating the database if it does not exist, and applies the
     /// migrations (serialised across replicas by sqlx's advisory lock).
     pub async fn connect_and_migrate(opts: &DbOptions) -> Result<Self, StoreError> {
-        create_database_if_missing(&opts.url).await?;
+        create_database_if_missing(opts.direct_url()).await?;
         let store = Self::connect_lazy(opts)?;
         store.migrate().await?;
         Ok(store)
     }
 
+    /// Connects without migrating; fails if migrations are missing (a
+    /// migration job has not run yet) or unknown (a newer keyward ran them:
+    /// this one is older than the schema).
+    pub async fn connect_migrated(opts: &DbOptions) -> Result<Self, StoreError> {
+        let store = Self::connect_lazy(opts)?;
+        store.check_migrated().await?;
+        Ok(store)
+    }
+
     /// Pools that connect on first use.
     pub fn connect_lazy(opts: &DbOptions) -> Result<Self, StoreError> {
-        let mut connect =
-            PgConnectOptions::from_str(&opts.url)?.application_name(&opts.application_name);
-        if !opts.statement_timeout.is_zero() {
-            let ms = opts.statement_timeout.as_millis().to_string();
-            connect = connect.options([("statement_timeout", ms.as_str())]);
+        let with_timeout = |url: &str| -> Result<PgConnectOptions, StoreError> {
+            let mut options =
+                PgConnectOptions::from_str(url)?.application_name(&opts.application_name);
+            if !opts.statement_timeout.is_zero() {
+                let ms = opts.statement_timeout.as_millis().to_string();
+                options = options.options([("statement_timeout", ms.as_str())]);
+            }
+            Ok(options)
+        };
+        let pooling = opts.transaction_pooling();
+        statements::set_prepared(!pooling);
+        let mut pooled = with_timeout(&opts.url)?;
+        if pooling {
+            // Named statements would outlive the server connection
+            // PgBouncer lent for one transaction (see `statements`).
+            pooled = pooled.statement_cache_capacity(0);
         }
+        let connect = with_timeout(opts.direct_url())?;
         let checks = opts
             .check_connections
             .clamp(1, opts.max_connections.max(2) - 1);
         let admin = opts.max_connections.saturating_sub(checks).max(1);
         let health = Arc::new(ConnectionHealth::new());
-        let pool = pool_options(admin, opts.acquire_timeout, opts.keepalive, &health)
-            .connect_lazy_with(connect.clone());
+        let pool = pool_options(
+            admin,
+            opts.acquire_timeout,
+            opts.keepalive,
+            &health,
+            pooling,
+        )
+        .connect_lazy_with(pooled.clone());
+        // Check connections stay open (see `warm_check_pool`): a burst of
+        // misses must not wait for connections to be set up (a TLS
+        // handshake each) within its short acquire timeout.
         let check_pool = pool_options(
             checks,
             opts.check_acquire_timeout.min(opts.lookup_timeout),
             opts.keepalive,
             &health,
+            pooling,
         )
-        .connect_lazy_with(connect.clone());
+        .min_connections(checks)
+        .idle_timeout(None)
+        .connect_lazy_with(pooled);
         Ok(Self {
             pool,
             checks: check_pool,
@@ -219,6 +290,24 @@ impl Store {
             health,
             stats: Arc::default(),
         })
+    }
+
+    /// Opens every check connection now, so that the first misses find
+    /// them ready. The pool keeps them open (and replaces one that fails).
+    pub async fn warm_check_pool(&self) -> Result<(), StoreError> {
+        let mut opening = tokio::task::JoinSet::new();
+        for _ in 0..self.checks.options().get_max_connections() {
+            let pool = self.checks.clone();
+            opening.spawn(async move { pool.acquire().await });
+        }
+        // Held until all are open, so that each is a connection of its own.
+        let mut held = Vec::new();
+        while let Some(opened) = opening.join_next().await {
+            if let Ok(conn) = opened {
+                held.push(conn?);
+            }
+        }
+        Ok(())
     }
 
     /// Puts every idle pooled connection in doubt (the listener lost its
@@ -256,9 +345,56 @@ impl Store {
         &self.stats
     }
 
+    /// Both pools' open and idle connections.
+    pub fn pool_stats(&self) -> [PoolStats; 2] {
+        [("check", &self.checks), ("admin", &self.pool)].map(|(name, pool)| PoolStats {
+            name,
+            size: pool.size(),
+            idle: pool.num_idle(),
+        })
+    }
+
+    /// Check lookups waiting for a connection right now.
+    pub fn check_pool_waiting(&self) -> i64 {
+        self.stats.check_pool_waiting.load(Ordering::Relaxed).max(0)
+    }
+
+    /// Applies the migrations, on a direct connection: sqlx's advisory lock
+    /// is a session lock, which a transaction-pooling PgBouncer cannot hold.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        migrator().run(&self.pool).await?;
+        let mut conn = self.direct().await?;
+        migrator().run(&mut conn).await?;
         Ok(())
+    }
+
+    async fn check_migrated(&self) -> Result<(), StoreError> {
+        use sqlx::migrate::Migrate as _;
+        let migrator = migrator();
+        let mut conn = self.direct().await?;
+        conn.ensure_migrations_table(&migrator.table_name).await?;
+        let applied: std::collections::HashSet<i64> = conn
+            .list_applied_migrations(&migrator.table_name)
+            .await?
+            .into_iter()
+            .map(|m| m.version)
+            .collect();
+        // Migrations this build does not know are a newer keyward's (a
+        // rollback runs against the newer schema, as `migrate` allows).
+        let missing = migrator
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .count();
+        if missing > 0 {
+            return Err(StoreError::Schema { missing });
+        }
+        Ok(())
+    }
+
+    /// A connection outside the pools, straight to PostgreSQL.
+    async fn direct(&self) -> Result<sqlx::PgConnection, StoreError> {
+        use sqlx::ConnectOptions as _;
+        self.bounded(async { Ok(self.connect.connect().await?) })
+            .await
     }
 }
 
@@ -267,26 +403,70 @@ impl Store {
 /// without one. sqlx's default pings before every acquire, a round trip added
 /// to every cache miss; a connection in steady use proves itself alive by
 /// answering.
+///
+/// Behind a transaction-pooling PgBouncer (`pooling`), every use of a
+/// pooled connection is one transaction: `BEGIN` when it is handed out,
+/// `COMMIT` when it comes back. PgBouncer then keeps one server connection
+/// for the whole use, so the two round trips of an unnamed statement (parse,
+/// then bind) reach the same server (see `statements`). `BEGIN` also proves
+/// the connection alive, so no ping is needed.
 fn pool_options(
     max: u32,
     acquire_timeout: Duration,
     keepalive: Duration,
     health: &Arc<ConnectionHealth>,
+    pooling: bool,
 ) -> PgPoolOptions {
+    use sqlx::Executor as _;
     let health = health.clone();
-    PgPoolOptions::new()
+    let options = PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(acquire_timeout)
-        .test_before_acquire(false)
-        .before_acquire(move |conn, meta| {
-            let ping = health.needs_ping(meta.idle_for, keepalive);
-            Box::pin(async move {
-                if ping {
-                    sqlx::Connection::ping(conn).await?;
-                }
-                Ok(true)
+        .test_before_acquire(false);
+    if pooling {
+        return options
+            .after_connect(|conn, _| Box::pin(async move { conn.execute("BEGIN").await.map(drop) }))
+            .before_acquire(|conn, _| {
+                Box::pin(async move { conn.execute("BEGIN").await.map(|_| true) })
             })
+            .after_release(|conn, _| {
+                // A failed statement left the transaction aborted: COMMIT
+                // then rolls it back, which is what it needs.
+                Box::pin(async move { Ok(conn.execute("COMMIT").await.is_ok()) })
+            });
+    }
+    options.before_acquire(move |conn, meta| {
+        let ping = health.needs_ping(meta.idle_for, keepalive);
+        Box::pin(async move {
+            if ping {
+                sqlx::Connection::ping(conn).await?;
+            }
+            Ok(true)
         })
+    })
+}
+
+/// How statements are sent. Normally each is prepared once per connection
+/// under a name and reused (one round trip per query after the first).
+/// Behind a transaction-pooling PgBouncer before 1.21, a named statement
+/// stays on the server connection PgBouncer lent for one transaction, and
+/// the next transaction may get another: so statements are sent unnamed
+/// (parse and bind anew each time, inside the pool's transaction). A
+/// process talks to one database, so this is set once, when the store is
+/// built.
+pub(crate) mod statements {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static PREPARED: AtomicBool = AtomicBool::new(true);
+
+    pub(super) fn set_prepared(prepared: bool) {
+        PREPARED.store(prepared, Ordering::Relaxed);
+    }
+
+    /// For `Query::persistent`.
+    pub(crate) fn prepared() -> bool {
+        PREPARED.load(Ordering::Relaxed)
+    }
 }
 
 /// `call`, or [`StoreError::Timeout`] if it has not finished within `limit`.

@@ -5,6 +5,7 @@ use serde_json::json;
 use sqlx::{Postgres, QueryBuilder, types::Json};
 use std::collections::BTreeMap;
 
+use super::statements::prepared;
 use super::{Store, StoreError, keys::Actor};
 use crate::key::{Ceiling, Metadata, OwnerId, OwnerRecord, OwnerState, RateLimit, Resource, Scope};
 
@@ -123,6 +124,7 @@ impl Store {
                 " FROM owners WHERE id = $1 LIMIT 1"
             ))
             .bind(id.as_str())
+            .persistent(prepared())
             .fetch_optional(&self.pool)
             .await?;
             // None only if another transaction created it after this one's
@@ -178,7 +180,7 @@ impl Store {
         .bind(actor.remote())
         .bind(values.default_rate_limits.clone().flatten().map(Json));
         let row: OwnerRow = self
-            .bounded(async { Ok(query.fetch_one(&self.pool).await?) })
+            .bounded(async { Ok(query.persistent(prepared()).fetch_one(&self.pool).await?) })
             .await?;
         row.try_into()
     }
@@ -191,7 +193,7 @@ impl Store {
         ))
         .bind(id.as_str());
         let row: OwnerRow = self
-            .bounded(async { Ok(query.fetch_one(&self.pool).await?) })
+            .bounded(async { Ok(query.persistent(prepared()).fetch_one(&self.pool).await?) })
             .await?;
         row.try_into()
     }
@@ -204,7 +206,7 @@ impl Store {
         )
         .bind(id.as_str());
         let n: i64 = self
-            .bounded(async { Ok(query.fetch_one(&self.pool).await?) })
+            .bounded(async { Ok(query.persistent(prepared()).fetch_one(&self.pool).await?) })
             .await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
@@ -226,6 +228,7 @@ impl Store {
                 " FROM owners WHERE id = $1 FOR UPDATE"
             ))
             .bind(id.as_str())
+            .persistent(prepared())
             .fetch_one(&mut *tx)
             .await?;
             let current = OwnerRecord::try_from(current)?;
@@ -266,7 +269,7 @@ impl Store {
                 .push(" WHERE id = ")
                 .push_bind(id.as_str())
                 .push(concat!(" RETURNING ", owner_columns!()));
-            let row: OwnerRow = update.build_query_as().fetch_one(&mut *tx).await?;
+            let row: OwnerRow = update.build_query_as().persistent(prepared()).fetch_one(&mut *tx).await?;
             sqlx::query(
                 "INSERT INTO audit_events (actor, actor_key_id, action, owner_id, details, remote_addr) \
                  VALUES ($1, $2, 'owner.update', $3, $4, $5)",
@@ -276,6 +279,7 @@ impl Store {
             .bind(id.as_str())
             .bind(Json(serde_json::Value::Object(diff)))
             .bind(actor.remote())
+            .persistent(prepared())
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
@@ -298,7 +302,7 @@ impl Store {
         .bind(after.map_or("", OwnerId::as_str))
         .bind(i64::from(limit) + 1);
         let rows: Vec<OwnerRow> = self
-            .bounded(async { Ok(query.fetch_all(&self.pool).await?) })
+            .bounded(async { Ok(query.persistent(prepared()).fetch_all(&self.pool).await?) })
             .await?;
         let mut owners = rows
             .into_iter()

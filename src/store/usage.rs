@@ -6,6 +6,7 @@ use std::{collections::HashMap, sync::atomic::Ordering};
 use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 
+use super::statements::prepared;
 use super::{Store, StoreError};
 use crate::key::KeyId;
 
@@ -67,6 +68,7 @@ impl Store {
         .bind(ids)
         .bind(at)
         .bind(uses)
+        .persistent(prepared())
         .execute(&self.pool);
         self.bounded(async { Ok(statement.await?) }).await?;
         Ok(())
@@ -90,7 +92,7 @@ impl Store {
         .bind(ids)
         .bind(i32::try_from(days).unwrap_or(i32::MAX));
         let rows: Vec<(Uuid, NaiveDate, i64)> = self
-            .bounded(async { Ok(query.fetch_all(&self.pool).await?) })
+            .bounded(async { Ok(query.persistent(prepared()).fetch_all(&self.pool).await?) })
             .await?;
         let mut out: HashMap<KeyId, Vec<(NaiveDate, u64)>> = HashMap::new();
         for (id, day, uses) in rows {

@@ -21,7 +21,7 @@ use crate::helpers::{TestApp, never_minted, spawn_app, spawn_app_with, spawn_rep
 // Shared with benches/suite, which uses parts this file does not.
 #[allow(dead_code)]
 #[path = "../support/envoy.rs"]
-mod envoy_process;
+pub mod envoy_process;
 use envoy_process::{Envoy, Options, Targets, test_config};
 
 fn repo() -> PathBuf {

@@ -75,6 +75,11 @@ pub fn test_config(database_url: &str, extra: &[&str]) -> Config {
         "kw_live",
         "--shutdown-grace",
         "2s",
+        // Tests stop servers all the time; the drain delay is tested apart.
+        "--shutdown-delay",
+        "0s",
+        "--metrics-addr",
+        "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
     Config::try_parse_from(args).expect("test config")

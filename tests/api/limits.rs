@@ -33,7 +33,7 @@ pub async fn mint_limited(
     .await
 }
 
-fn credits(remaining: i64) -> Option<pb::Credits> {
+pub fn credits(remaining: i64) -> Option<pb::Credits> {
     Some(pb::Credits {
         remaining,
         refill: None,

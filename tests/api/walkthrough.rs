@@ -54,6 +54,9 @@ fn run_command(root: &Path, database_url: &str, addr: &str) -> Child {
         .env("DATABASE_URL", database_url)
         .env("KEYWARD_GRPC_ADDR", addr)
         .env("KEYWARD_SHUTDOWN_GRACE", "5s")
+        .env("KEYWARD_SHUTDOWN_DELAY", "0s")
+        // Tests run side by side: no fixed metrics port.
+        .env("KEYWARD_METRICS_ADDR", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(if std::env::var_os("TEST_LOG").is_some() {
             Stdio::inherit()

@@ -18,9 +18,16 @@ pub fn server_url() -> String {
 
 /// The URL of a database no one else uses, named `{prefix}_{random}`;
 /// keyward creates it when it starts.
+///
+/// Plaintext (`sslmode=disable`): the shared server may offer TLS (Debian's
+/// does, with its snakeoil certificate), and sqlx's default `prefer` would
+/// take it, so that a whole test run pays TLS on loopback for nothing and
+/// load-bearing tests (floods, 300 concurrent credit checks) lose their
+/// margins on a busy 2-core machine. TLS to PostgreSQL is tested against a
+/// private server with `verify-full` (tests/api/transport.rs).
 pub fn fresh_database_url(prefix: &str) -> String {
     format!(
-        "{}/{prefix}_{}",
+        "{}/{prefix}_{}?sslmode=disable",
         server_url(),
         uuid::Uuid::now_v7().simple()
     )
@@ -28,7 +35,8 @@ pub fn fresh_database_url(prefix: &str) -> String {
 
 /// The database a URL names.
 pub fn database_name(url: &str) -> &str {
-    url.rsplit_once('/').map(|(_, db)| db).unwrap_or_default()
+    let db = url.rsplit_once('/').map(|(_, db)| db).unwrap_or_default();
+    db.split_once('?').map_or(db, |(name, _)| name)
 }
 
 /// A connection to the server's maintenance database, for what a test does

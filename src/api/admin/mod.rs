@@ -73,7 +73,13 @@ impl AdminApi {
     ) -> Result<(Caller, T), Status> {
         let remote = request.remote_addr().map(|a| a.ip());
         match self.authorize(request.metadata(), remote).await {
-            Ok(caller) => Ok((caller, request.into_inner())),
+            Ok(caller) => {
+                // The call's span (see api::observed) names who made it.
+                let span = tracing::Span::current();
+                span.record("caller", tracing::field::display(&caller.key_id));
+                span.record("caller_owner", tracing::field::display(&caller.owner_id));
+                Ok((caller, request.into_inner()))
+            }
             Err(err) => Err(self.finish_err(method, None, err)),
         }
     }

@@ -12,8 +12,10 @@ test failed.
 """
 
 import functools
+import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +29,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHART = pathlib.Path(os.environ.get("KEYWARD_CHART", ROOT / "helm" / "keyward")).resolve()
 EXAMPLES = sorted((CHART / "ci").glob("*.yaml"))
 ENVOY_EXAMPLE = ROOT / "deploy" / "envoy" / "envoy.yaml"
+# keyward's settings: every `env = "..."` of src/config.rs.
+CONFIG_RS = ROOT / "src" / "config.rs"
 RELEASE = "keyward"
 NAMESPACE = "keyward"
 HELM = shutil.which("helm") or str(ROOT / ".tools" / "bin" / "helm")
@@ -322,7 +326,10 @@ def test_termination_grace_covers_shutdown_delay_and_grace():
         check(env["KEYWARD_SHUTDOWN_DELAY"]["value"] == f"{delay}s", f"KEYWARD_SHUTDOWN_DELAY is {env['KEYWARD_SHUTDOWN_DELAY']}")
         check(env["KEYWARD_SHUTDOWN_GRACE"]["value"] == f"{grace}s", f"KEYWARD_SHUTDOWN_GRACE is {env['KEYWARD_SHUTDOWN_GRACE']}")
         tgps = pod_spec(dep)["terminationGracePeriodSeconds"]
-        check(tgps > delay + grace, f"terminationGracePeriodSeconds {tgps} <= delay {delay} + grace {grace}")
+        # After the grace, keyward returns credit reservations and writes the
+        # last usage, up to 5 s each (startup.rs, FINAL_FLUSH_TIMEOUT).
+        check(tgps >= delay + grace + 10,
+              f"terminationGracePeriodSeconds {tgps} < delay {delay} + grace {grace} + 10 s of final writes")
 
 
 # --- Services ----------------------------------------------------------------------------
@@ -409,6 +416,25 @@ def test_migrations_on_start_by_default_or_in_a_hook_job():
           f"a hook Job without existingSecret was accepted:\n{proc.stderr}")
 
 
+def test_migration_job_connects_directly():
+    # `keyward migrate` holds a session-level advisory lock: it must reach
+    # PostgreSQL directly, never through a transaction-pooling PgBouncer. It
+    # connects to KEYWARD_LISTEN_DATABASE_URL when set, else DATABASE_URL.
+    docs = render(CHART / "ci" / "migration-job-values.yaml")
+    env = env_of(container(one(docs, "Job"), "migrate"))
+    check(env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "MIGRATE_URL",
+          "the Job does not use existingSecretKeys.migrationDatabaseUrl")
+    check("KEYWARD_LISTEN_DATABASE_URL" not in env,
+          "the Job gets the replicas' LISTEN URL, which would win over its own migration URL")
+    docs = render(CHART / "ci" / "migration-job-values.yaml", sets=("existingSecretKeys.migrationDatabaseUrl=",))
+    env = env_of(container(one(docs, "Job"), "migrate"))
+    check(env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "DATABASE_URL", "the Job's DATABASE_URL")
+    listen = env.get("KEYWARD_LISTEN_DATABASE_URL", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    check(listen.get("key") == "LISTEN_URL",
+          "without a migration URL the Job does not get the direct KEYWARD_LISTEN_DATABASE_URL, "
+          "so it would migrate through PgBouncer")
+
+
 # --- TLS -----------------------------------------------------------------------------------
 
 
@@ -428,6 +454,87 @@ def test_tls_from_secrets_mounted_read_only_as_directories():
         check("secret" in volumes[mount[0]["name"]], f"{var} is not from a Secret")
     check(volumes["tls"]["secret"]["secretName"] == "keyward-grpc-tls", "tls.secretName not used")
     check(env["KEYWARD_ADMIN_ADDR"]["value"] == "0.0.0.0:50052", "admin listener not configured")
+
+
+# --- keyward's settings ---------------------------------------------------------------------
+
+# Set by the pods themselves: the downward API (for OTEL_RESOURCE_ATTRIBUTES)
+# and the standard OpenTelemetry variables keyward's exporter reads.
+NOT_KEYWARD_SETTINGS = {"POD_NAME", "POD_NAMESPACE", "NODE_NAME", "OTEL_EXPORTER_OTLP_ENDPOINT",
+                        "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG",
+                        "OTEL_RESOURCE_ATTRIBUTES"}
+# What `enableServiceLinks: false` keeps out, named in the chart's comments.
+DOCKER_LINK_VARIABLES = {"KEYWARD_PORT", "KEYWARD_SERVICE_HOST"}
+
+
+@functools.lru_cache(maxsize=None)
+def keyward_settings():
+    names = set(re.findall(r'\benv = "([A-Z0-9_]+)"', CONFIG_RS.read_text()))
+    check(len(names) > 40 and "DATABASE_URL" in names, f"found only {sorted(names)} in {CONFIG_RS}")
+    return names
+
+
+def keyward_env_names(docs):
+    """Env names of keyward's containers: the server's and the migration Job's."""
+    names = set()
+    for w in docs:
+        if w["kind"] in WORKLOAD_KINDS:
+            for c in containers(pod_spec(w)):
+                if c["name"] in ("keyward", "migrate"):
+                    names |= set(env_of(c))
+    return names
+
+
+# Values that turn on every optional setting the chart renders (and no extraEnv).
+EVERYTHING = (CHART / "ci" / "tls-values.yaml",)
+EVERYTHING_SETS = ("existingSecret=keyward-db", "existingSecretKeys.listenDatabaseUrl=LISTEN_URL",
+                   "existingSecretKeys.redisUrl=REDIS_URL", "migrations.job.enabled=true",
+                   "config.workerThreads=2", "otel.endpoint=http://collector:4317")
+
+
+def test_every_env_name_the_chart_sets_is_a_keyward_setting():
+    settings = keyward_settings()
+    for values, sets in [((v,), ()) for v in VALUE_SETS] + [(EVERYTHING, EVERYTHING_SETS)]:
+        for name in sorted(keyward_env_names(render(*values, sets=sets)) - NOT_KEYWARD_SETTINGS):
+            check(name in settings,
+                  f"{', '.join(name_of(v) for v in values)}: the chart sets {name}, which keyward does not read (src/config.rs)")
+
+
+def test_every_keyward_name_in_the_chart_is_a_keyward_setting():
+    # Comments, README and examples included: KEYWARD_CACHE_CAPACITY once
+    # stood in values.yaml, and a copied typo is silently ignored by keyward.
+    settings = keyward_settings() | DOCKER_LINK_VARIABLES
+    for path in sorted(CHART.rglob("*")):
+        if path.is_file():
+            text = path.read_text()
+            for name in sorted(set(re.findall(r"\bKEYWARD_[A-Z0-9][A-Z0-9_]*(?![A-Z0-9_*])", text))):
+                check(name in settings, f"{path.relative_to(CHART.parent)} names {name}, which keyward does not read")
+            # KEYWARD_ADMIN_TLS_*: a prefix of some setting.
+            for prefix in sorted(set(re.findall(r"\b(KEYWARD_[A-Z0-9_]*)\*", text))):
+                check(any(n.startswith(prefix) for n in settings),
+                      f"{path.relative_to(CHART.parent)} names {prefix}*, which no setting of keyward's matches")
+
+
+def test_extra_env_takes_only_settings_the_chart_does_not_set():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    names = schema["properties"]["config"]["properties"]["extraEnv"]["propertyNames"]
+    refused = set(names["not"]["enum"])
+    [allowed] = [a["enum"] for a in names["anyOf"] if "enum" in a]
+    rendered = keyward_env_names(render(*EVERYTHING, sets=EVERYTHING_SETS))
+    check(rendered <= refused, f"extraEnv may set names the chart sets itself: {sorted(rendered - refused)}")
+    keyward = {n for n in keyward_settings() if n.startswith("KEYWARD_")}
+    check(set(allowed) == keyward - refused,
+          f"values.schema.json's extraEnv names are not src/config.rs's minus the chart's own: "
+          f"missing {sorted(keyward - refused - set(allowed))}, extra {sorted(set(allowed) - (keyward - refused))}")
+    expect_rejected("config:\n  extraEnv:\n    KEYWARD_CACHE_CAPACITY: \"1000\"\n", why="a KEYWARD_* name keyward does not read")
+    expect_rejected("config:\n  extraEnv:\n    KEYWARD_GRPC_ADDR: 0.0.0.0:1\n", why="a setting the chart sets from grpc.port")
+    expect_rejected("config:\n  cacheMaxBytes: lots\n", why="config.cacheMaxBytes: lots")
+    docs = render(None, sets=("config.extraEnv.KEYWARD_CACHE_TTL=30s", "config.extraEnv.OTEL_EXPORTER_OTLP_COMPRESSION=gzip",
+                              "config.cacheMaxBytes=1GiB"))
+    env = env_of(container(server_deployment(docs), "keyward"))
+    check(env["KEYWARD_CACHE_TTL"]["value"] == "30s" and env["OTEL_EXPORTER_OTLP_COMPRESSION"]["value"] == "gzip",
+          "config.extraEnv not rendered")
+    check(env.get("KEYWARD_CACHE_MAX_BYTES", {}).get("value") == "1GiB", "config.cacheMaxBytes is not KEYWARD_CACHE_MAX_BYTES")
 
 
 # --- annotations ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -79,13 +79,31 @@ pub struct CachedKey {
     /// owner moves the epoch, and the entry must be re-read.
     owner_shard: u16,
     owner_epoch: u32,
+    /// The Envoy front door's allow answer for this key, encoded once on
+    /// first use and sent as is after (see `api::envoy`): it depends only on
+    /// the key and the process's settings.
+    pub envoy_allow: OnceLock<bytes::Bytes>,
 }
+
+/// What an encoded Envoy allow answer adds to an entry, beyond the key's
+/// own strings, once built: protobuf framing, header names and the
+/// dynamic metadata's field names.
+const ENVOY_ANSWER_BYTES: usize = 320;
 
 impl CachedKey {
     /// Bytes this entry holds, with the cache's own bookkeeping for it
-    /// (measured: about 100 bytes per moka entry).
+    /// (measured: about 100 bytes per moka entry), counting the Envoy answer
+    /// it may build (weights are fixed at insertion).
     fn weight(&self) -> u32 {
-        let bytes = std::mem::size_of::<Self>() + self.grant.heap_bytes() + 100;
+        let grant = &self.grant;
+        let answer = ENVOY_ANSWER_BYTES
+            + 2 * (grant.owner_id.as_str().len()
+                + grant
+                    .scopes
+                    .iter()
+                    .map(|s| s.as_str().len() + 1)
+                    .sum::<usize>());
+        let bytes = std::mem::size_of::<Self>() + grant.heap_bytes() + 100 + answer;
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 }
@@ -257,6 +275,7 @@ impl KeyCache {
                     grant,
                     usage: KeyUsage::default(),
                     loaded_at: Instant::now(),
+                    envoy_allow: OnceLock::new(),
                 });
                 self.unknown.invalidate(&hash);
                 self.known.insert(hash, entry.clone());

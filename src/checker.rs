@@ -54,6 +54,11 @@ impl Outcome {
         self.entry.as_deref().map(|e| &e.grant)
     }
 
+    /// The cache entry the decision was made on, if the key is known.
+    pub fn entry(&self) -> Option<&CachedKey> {
+        self.entry.as_deref()
+    }
+
     /// A denial settled before the key is known.
     pub fn denied(reason: Reason) -> Self {
         Self {
@@ -546,11 +551,20 @@ impl Checker {
         flights.insert(hash, rx.clone());
         drop(flights);
         let this = self.clone();
-        tokio::spawn(async move {
+        // The read runs in its own task: it gets the span of the (traced)
+        // check that started it, if any.
+        let span = crate::telemetry::store_span("find_grant");
+        let read = async move {
             let loaded = this.read(hash).await;
             let _ = tx.send(Some(loaded));
             lock(&this.inner.flights).remove(&hash);
-        });
+        };
+        if span.is_none() {
+            tokio::spawn(read);
+        } else {
+            use tracing::Instrument as _;
+            tokio::spawn(read.instrument(span));
+        }
         rx
     }
 

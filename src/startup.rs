@@ -14,7 +14,6 @@ use std::{
     time::Duration,
 };
 
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::{
     net::TcpListener,
     sync::watch,
@@ -33,6 +32,7 @@ use crate::{
         admin::{AdminApi, AdminStats},
         check::CheckApi,
         envoy::{EnvoyApi, EnvoyOptions},
+        envoy_wire::EnvoyServer,
         leaks::LeakApi,
         observed::{KnownMethods, Observing},
         shed::InFlight,
@@ -652,14 +652,11 @@ impl Application {
                     Door::Check,
                 ),
             )
-            .add_service(
-                in_flight.wrap(
-                    AuthorizationServer::new(EnvoyApi::new(checker.clone(), envoy))
-                        .max_decoding_message_size(max_message),
-                    checker,
-                    Door::Envoy,
-                ),
-            );
+            .add_service(in_flight.wrap(
+                EnvoyServer::new(EnvoyApi::new(checker.clone(), envoy), max_message),
+                checker,
+                Door::Envoy,
+            ));
         let add_admin = |routes: &mut RoutesBuilder| {
             routes
                 .add_service(observing.wrap(KeyServiceServer::new(admin.clone())))
@@ -675,7 +672,7 @@ impl Application {
         ];
         let check_services = [
             <CheckServiceServer<CheckApi> as NamedService>::NAME,
-            <AuthorizationServer<EnvoyApi> as NamedService>::NAME,
+            <EnvoyServer as NamedService>::NAME,
         ];
         let health_name = <tonic_health::pb::health_server::HealthServer<
             tonic_health::server::HealthService,
@@ -763,11 +760,13 @@ impl Application {
                 }
             }
         }
+        // The HTTP probes answer until the process is done (`/livez` stays
+        // 200 while in-flight calls drain); the task is stopped at the end.
         let metrics_server = metrics.map(|listener| {
             tokio::spawn(metrics::serve(
                 listener,
                 replica.clone(),
-                stopped(stopping_rx.clone()),
+                std::future::pending::<()>(),
             ))
         });
         replica.readiness.serving.store(true, Ordering::Relaxed);
@@ -950,7 +949,7 @@ async fn set_readiness(health: &HealthReporter, ready: bool) {
         <AuditServiceServer<AdminApi> as NamedService>::NAME,
         <LeakServiceServer<LeakApi> as NamedService>::NAME,
         <CheckServiceServer<CheckApi> as NamedService>::NAME,
-        <AuthorizationServer<EnvoyApi> as NamedService>::NAME,
+        <EnvoyServer as NamedService>::NAME,
     ] {
         health.set_service_status(service, status).await;
     }

@@ -43,6 +43,9 @@ use crate::{config::LogFormat, metrics::Door};
 const CHECK_SPAN: &str = "keyward.v1.CheckService/Check";
 const ENVOY_CHECK_SPAN: &str = "envoy.service.auth.v3.Authorization/Check";
 
+/// The longest the last spans may take to leave at exit.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes it.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -60,9 +63,21 @@ impl Telemetry {
         if let Some(provider) = self.provider {
             // Blocks until the export thread is done, and the export needs
             // this runtime: not on its threads.
-            let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
-            if let Ok(Err(err)) = flushed {
-                tracing::warn!(error = %chain(&err), "cannot flush the last spans");
+            let flushed = tokio::time::timeout(
+                FLUSH_TIMEOUT,
+                tokio::task::spawn_blocking(move || provider.shutdown()),
+            )
+            .await;
+            match flushed {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(err))) => {
+                    tracing::warn!(error = %chain(&err), "cannot flush the last spans")
+                }
+                Ok(Err(_)) => tracing::warn!("flushing the last spans failed"),
+                Err(_) => tracing::warn!(
+                    timeout = ?FLUSH_TIMEOUT,
+                    "the trace collector did not take the last spans in time; exiting without them"
+                ),
             }
         }
     }
@@ -347,6 +362,23 @@ pub fn check_span(door: Door, traceparent: Option<&str>) -> tracing::Span {
         let _ = span.set_parent(Context::new().with_remote_span_context(parent));
     }
     span
+}
+
+/// A span for a store call made inside a traced span (a check's miss, an
+/// admin call), or a disabled one: outside traces, store calls cost no
+/// span.
+pub fn store_span(operation: &'static str) -> tracing::Span {
+    if !traced() || tracing::Span::current().is_disabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        target: "keyward::store",
+        "store",
+        otel.name = operation,
+        otel.kind = "client",
+        db.system = "postgresql",
+        db.operation = operation,
+    )
 }
 
 /// JSON lines: `timestamp`, `level`, `target`, the event's fields

@@ -18,29 +18,26 @@
 //!   are stripped and every `x-keyward-*` header is set (overwriting what a
 //!   client sent) before the request goes upstream.
 
-use std::{borrow::Cow, collections::HashMap, fmt::Write as _, net::IpAddr, time::Instant};
+use std::{collections::HashMap, fmt::Write as _, time::Instant};
 
 use envoy_types::{
     ext_authz::v3::{
         DeniedHttpResponseBuilder, OkHttpResponseBuilder,
-        pb::{
-            Address, Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpResponse,
-            HttpStatusCode,
-        },
+        pb::{CheckResponse, HeaderAppendAction, HttpResponse, HttpStatusCode},
     },
-    pb::{
-        envoy::service::auth::v3::attribute_context::HttpRequest,
-        google::{
-            protobuf::{ListValue, Struct, Value, value::Kind},
-            rpc,
-        },
+    pb::google::{
+        protobuf::{ListValue, Struct, Value, value::Kind},
+        rpc,
     },
 };
+use prost::Message as _;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
 use super::{
-    check_error, record_outcome, retry_after_secs,
+    check_error,
+    envoy_wire::{Answer, EnvoyRequest},
+    record_outcome, retry_after_secs,
     status::{reason_code, undecided_status},
 };
 use crate::{
@@ -84,31 +81,30 @@ impl EnvoyApi {
     }
 }
 
-#[tonic::async_trait]
-impl Authorization for EnvoyApi {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
+impl EnvoyApi {
+    /// Whether requests must bring their Host (`--envoy-host-as-resource`).
+    pub fn wants_host(&self) -> bool {
+        self.options.host_as_resource
+    }
+
+    /// One `Check`, as [`EnvoyServer`](super::envoy_wire::EnvoyServer)
+    /// serves it.
+    pub async fn check(&self, request: Request<EnvoyRequest>) -> Result<Response<Answer>, Status> {
         let doors = self.checker.doors();
         let started = doors.counting().then(Instant::now);
         // Envoy sends its span's context in the call's metadata when it
         // traces; else the client's may be among the forwarded headers.
-        let req = request.get_ref();
         let traceparent = if telemetry::traced() {
             request
                 .metadata()
                 .get("traceparent")
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-                .or_else(|| {
-                    let http = req.attributes.as_ref()?.request.as_ref()?.http.as_ref()?;
-                    header(http, "traceparent").map(Cow::into_owned)
-                })
+                .or(request.get_ref().traceparent.as_deref())
         } else {
             None
         };
-        let span = telemetry::check_span(Door::Envoy, traceparent.as_deref());
+        let span = telemetry::check_span(Door::Envoy, traceparent);
+        let req = request.get_ref();
         let decided = if span.is_none() {
             self.decide(req).await
         } else {
@@ -117,11 +113,11 @@ impl Authorization for EnvoyApi {
         let door = doors.counted(Door::Envoy).zip(started);
         match decided {
             Ok(outcome) => {
-                let response = respond(&outcome, &self.options);
+                let answer = self.answer(&outcome);
                 if let Some((door, started)) = door {
                     door.answered(outcome.decision.reason, started.elapsed());
                 }
-                Ok(Response::new(response))
+                Ok(Response::new(answer))
             }
             Err(err) => {
                 if let Some((door, started)) = door {
@@ -131,41 +127,71 @@ impl Authorization for EnvoyApi {
             }
         }
     }
-}
 
-impl EnvoyApi {
-    async fn decide(&self, req: &CheckRequest) -> Result<Outcome, Undecided> {
-        let attrs = req.attributes.as_ref();
-        let http = attrs
-            .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref());
-        let context = attrs.map(|a| &a.context_extensions);
+    /// The answer to send. A key's allow answer without rate-limit headers
+    /// is the same every time: encoded on first use and kept in its cache
+    /// entry.
+    fn answer(&self, outcome: &Outcome) -> Answer {
+        if outcome.decision.allowed()
+            && outcome
+                .declared_limits()
+                .is_none_or(|l| l.windows.is_empty())
+            && let Some(entry) = outcome.entry()
+        {
+            let encoded = entry
+                .envoy_allow
+                .get_or_init(|| respond(outcome, &self.options).encode_to_vec().into());
+            return Answer::Encoded(encoded.clone());
+        }
+        Answer::Message(Box::new(respond(outcome, &self.options)))
+    }
 
-        let outcome = match credential(http) {
+    async fn decide(&self, req: &EnvoyRequest) -> Result<Outcome, Undecided> {
+        let outcome = match credential(req) {
             Err(reason) => Outcome::denied(reason),
             Ok(credential) => {
-                let scopes = context
-                    .and_then(|c| c.get("scopes"))
-                    .map(|s| split_scopes(s))
-                    .unwrap_or_default();
-                let resource = context
-                    .and_then(|c| c.get("resource"))
-                    .map(String::as_str)
+                let mut scopes_buf = [""; 8];
+                let scopes_vec;
+                let scopes: &[&str] = match req.scopes.as_deref() {
+                    None => &[],
+                    Some(s) => {
+                        let mut n = 0;
+                        let mut overflow = false;
+                        for scope in split_scopes(s) {
+                            if n == scopes_buf.len() {
+                                overflow = true;
+                                break;
+                            }
+                            scopes_buf[n] = scope;
+                            n += 1;
+                        }
+                        if overflow {
+                            scopes_vec = split_scopes(s).collect::<Vec<_>>();
+                            &scopes_vec
+                        } else {
+                            &scopes_buf[..n]
+                        }
+                    }
+                };
+                let resource = req
+                    .resource
+                    .as_deref()
                     .filter(|r| !r.is_empty())
                     .or_else(|| {
-                        http.filter(|_| self.options.host_as_resource)
-                            .map(|h| strip_port(&h.host))
+                        req.host
+                            .as_deref()
+                            .filter(|_| self.options.host_as_resource)
+                            .map(strip_port)
                     })
                     .filter(|r| !r.is_empty());
-                let client = attrs.and_then(client_ip);
                 let policy_req = policy::Request {
                     resource,
-                    required_scopes: &scopes,
-                    client_ip: client,
+                    required_scopes: scopes,
+                    client_ip: req.source_ip,
                     cost: 1,
                 };
                 self.checker
-                    .check(credential.as_deref(), &policy_req, client)
+                    .check(credential, &policy_req, req.source_ip)
                     .await?
             }
         };
@@ -175,16 +201,13 @@ impl EnvoyApi {
 }
 
 /// Finds the credential in the headers Envoy forwarded.
-fn credential(http: Option<&HttpRequest>) -> Result<Option<Cow<'_, str>>, Reason> {
-    let Some(http) = http else {
-        return Ok(None);
-    };
-    let authorization = header(http, "authorization");
-    let api_key = header(http, "x-api-key").filter(|v| !v.trim().is_empty());
+fn credential(req: &EnvoyRequest) -> Result<Option<&str>, Reason> {
+    let authorization = req.authorization.as_deref();
+    let api_key = req.api_key.as_deref().filter(|v| !v.trim().is_empty());
     match (authorization, api_key) {
         (None, api_key) => Ok(api_key),
         (Some(auth), None) => Ok(Some(auth)),
-        (Some(auth), Some(api_key)) => match bearer_token(&auth) {
+        (Some(auth), Some(api_key)) => match bearer_token(auth) {
             // Not a keyward credential (e.g. Basic for the upstream): use x-api-key.
             None => Ok(Some(api_key)),
             Some(token) if token == api_key.trim() => Ok(Some(api_key)),
@@ -199,42 +222,8 @@ fn bearer_token(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// A request header by lower-case name, from `headers` or `header_map`.
-fn header<'a>(http: &'a HttpRequest, name: &str) -> Option<Cow<'a, str>> {
-    if let Some(v) = lookup(&http.headers, name) {
-        return Some(Cow::Borrowed(v));
-    }
-    let map = http.header_map.as_ref()?;
-    let h = map
-        .headers
-        .iter()
-        .find(|h| h.key.eq_ignore_ascii_case(name))?;
-    if h.raw_value.is_empty() {
-        Some(Cow::Borrowed(&h.value))
-    } else {
-        // Keys are ASCII; anything else fails the format check later.
-        Some(String::from_utf8_lossy(&h.raw_value))
-    }
-}
-
-fn lookup<'a>(headers: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
-    // Envoy lower-cases header names; fall back to a scan for other clients.
-    headers
-        .get(name)
-        .or_else(|| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-        })
-        .map(String::as_str)
-}
-
-fn split_scopes(s: &str) -> Vec<&str> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect()
+fn split_scopes(s: &str) -> impl Iterator<Item = &str> {
+    s.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
 /// `api.example.com:8443` -> `api.example.com`; `[::1]:80` -> `[::1]`.
@@ -248,16 +237,6 @@ fn strip_port(host: &str) -> &str {
             name
         }
         _ => host,
-    }
-}
-
-fn client_ip(
-    attrs: &envoy_types::pb::envoy::service::auth::v3::AttributeContext,
-) -> Option<IpAddr> {
-    let address = attrs.source.as_ref()?.address.as_ref()?.address.as_ref()?;
-    match address {
-        Address::SocketAddress(sa) => sa.address.parse().ok(),
-        _ => None,
     }
 }
 
@@ -442,60 +421,29 @@ fn http_status_code(status: u16) -> HttpStatusCode {
 
 #[cfg(test)]
 mod tests {
-    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
-
     use super::*;
 
-    fn with_headers(pairs: &[(&str, &str)]) -> HttpRequest {
-        HttpRequest {
-            headers: pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+    fn cred(authorization: Option<&str>, api_key: Option<&str>) -> Result<Option<String>, Reason> {
+        let req = EnvoyRequest {
+            authorization: authorization.map(str::to_owned),
+            api_key: api_key.map(str::to_owned),
             ..Default::default()
-        }
-    }
-
-    fn with_raw_headers(pairs: &[(&str, &str)]) -> HttpRequest {
-        HttpRequest {
-            header_map: Some(HeaderMap {
-                headers: pairs
-                    .iter()
-                    .map(|(k, v)| HeaderValue {
-                        key: k.to_string(),
-                        value: String::new(),
-                        raw_value: v.as_bytes().to_vec(),
-                    })
-                    .collect(),
-            }),
-            ..Default::default()
-        }
-    }
-
-    fn cred(http: &HttpRequest) -> Result<Option<String>, Reason> {
-        credential(Some(http)).map(|c| c.map(Cow::into_owned))
+        };
+        credential(&req).map(|c| c.map(str::to_owned))
     }
 
     #[test]
-    fn the_credential_comes_from_either_header_in_either_encoding() {
-        for make in [with_headers, with_raw_headers] {
-            assert_eq!(cred(&make(&[("x-api-key", "k1")])), Ok(Some("k1".into())));
-            assert_eq!(
-                cred(&make(&[("authorization", "Bearer k1")])),
-                Ok(Some("Bearer k1".into()))
-            );
-            assert_eq!(cred(&make(&[])), Ok(None));
-        }
+    fn the_credential_comes_from_either_header() {
+        assert_eq!(cred(None, Some("k1")), Ok(Some("k1".into())));
+        assert_eq!(cred(Some("Bearer k1"), None), Ok(Some("Bearer k1".into())));
+        assert_eq!(cred(None, None), Ok(None));
+        // A blank x-api-key is no credential.
+        assert_eq!(cred(None, Some("  ")), Ok(None));
     }
 
     #[test]
     fn two_different_keys_are_malformed_and_two_equal_ones_are_fine() {
-        let both = |auth, key| {
-            cred(&with_headers(&[
-                ("authorization", auth),
-                ("x-api-key", key),
-            ]))
-        };
+        let both = |auth, key| cred(Some(auth), Some(key));
         assert_eq!(both("Bearer k1", "k1"), Ok(Some("k1".into())));
         assert_eq!(both("bearer  k1 ", "k1"), Ok(Some("k1".into())));
         assert_eq!(both("Bearer k1", "k2"), Err(Reason::MalformedKey));
@@ -505,8 +453,11 @@ mod tests {
 
     #[test]
     fn scopes_split_on_commas_ignoring_blanks() {
-        assert_eq!(split_scopes("a, b,,c "), ["a", "b", "c"]);
-        assert!(split_scopes(" ").is_empty());
+        assert_eq!(
+            split_scopes("a, b,,c ").collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        assert_eq!(split_scopes(" ").count(), 0);
     }
 
     #[test]

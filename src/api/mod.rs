@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod check;
 pub mod envoy;
+pub mod envoy_wire;
 pub mod leaks;
 pub mod observed;
 pub mod shed;

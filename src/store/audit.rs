@@ -92,7 +92,7 @@ impl Store {
         sql.push(" ORDER BY id LIMIT ")
             .push_bind(i64::from(q.limit) + 1);
         let rows: Vec<AuditRow> = self
-            .bounded(async {
+            .bounded("list_audit", async {
                 Ok(sql
                     .build_query_as()
                     .persistent(prepared())

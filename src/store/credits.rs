@@ -128,7 +128,8 @@ impl Store {
         .bind(periods)
         .persistent(prepared())
         .execute(&self.pool);
-        self.bounded(async { Ok(statement.await?) }).await?;
+        self.bounded("return_credits", async { Ok(statement.await?) })
+            .await?;
         Ok(())
     }
 }

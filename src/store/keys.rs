@@ -323,7 +323,7 @@ impl Store {
         actor: &Actor,
         check_owner: impl Fn(&OwnerRecord) -> Result<(), StoreError>,
     ) -> Result<KeyRecord, StoreError> {
-        self.bounded(async {
+        self.bounded("insert_key", async {
             for _ in 0..2 {
                 let owner = self.read_or_create_owner(&new.spec().owner_id).await?;
                 check_owner(&owner)?;
@@ -402,7 +402,7 @@ impl Store {
         ))
         .bind(hash.as_bytes().as_slice());
         let row: Option<KeyRow> = self
-            .bounded(async {
+            .bounded("key_by_hash", async {
                 Ok(query
                     .persistent(prepared())
                     .fetch_optional(&self.pool)
@@ -437,7 +437,7 @@ impl Store {
     /// The planner's estimate of the number of keys (cheap: no scan);
     /// 0 when the table was never analysed.
     pub async fn estimated_key_count(&self) -> Result<u64, StoreError> {
-        self.bounded(async {
+        self.bounded("estimated_key_count", async {
             let n: f32 = sqlx::query_scalar(
                 "SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = 'keys'::regclass",
             )
@@ -455,7 +455,7 @@ impl Store {
     /// are left out: an entry filled from the new row cannot be stale, and
     /// unknown hashes are forgotten wholesale by the caller.
     pub async fn changed_since(&self, since: DateTime<Utc>) -> Result<Changed, StoreError> {
-        self.bounded(async {
+        self.bounded("changed_since", async {
             let hashes: Vec<Vec<u8>> = sqlx::query_scalar(
                 "SELECT hash FROM keys WHERE changed_at >= $1 AND changed_at > created_at \
                  UNION ALL SELECT hash FROM key_tombstones WHERE deleted_at >= $1",
@@ -498,7 +498,9 @@ impl Store {
         .bind(id.as_uuid())
         .bind(owner.map(OwnerId::as_str));
         let row: KeyRow = self
-            .bounded(async { Ok(query.persistent(prepared()).fetch_one(&self.pool).await?) })
+            .bounded("get_key", async {
+                Ok(query.persistent(prepared()).fetch_one(&self.pool).await?)
+            })
             .await?;
         row.try_into()
     }
@@ -552,7 +554,7 @@ impl Store {
         keep_admin: bool,
         actor: &Actor,
     ) -> Result<KeyRecord, StoreError> {
-        self.bounded(async {
+        self.bounded("revoke", async {
             let mut tx = self.pool.begin().await?;
             let current = lock_key(&mut tx, id, owner).await?;
             if current.revoked_at.is_some() {
@@ -590,7 +592,7 @@ impl Store {
         guard: Guard<'_>,
         actor: &Actor,
     ) -> Result<KeyRecord, StoreError> {
-        self.bounded(async {
+        self.bounded("set_key_disabled", async {
             let mut tx = self.pool.begin().await?;
             let current = lock_key(&mut tx, id, owner).await?;
             if current.disabled_at.is_some() == disabled {
@@ -635,7 +637,7 @@ impl Store {
         check: impl Fn(&KeyRecord, &OwnerRecord) -> Result<(), StoreError>,
         actor: &Actor,
     ) -> Result<KeyRecord, StoreError> {
-        self.bounded(async {
+        self.bounded("update_key", async {
             let mut tx = self.pool.begin().await?;
             let current = lock_key(&mut tx, id, owner).await?;
             let owner_row: OwnerRow = sqlx::query_as(concat!(
@@ -751,7 +753,7 @@ impl Store {
             .spec()
             .rotated_from
             .ok_or_else(|| StoreError::Corrupt("a rotation without the key it replaces".into()))?;
-        self.bounded(async {
+        self.bounded("rotate_key", async {
             let mut tx = self.pool.begin().await?;
             let current = lock_key(&mut tx, old_id, owner).await?;
             guard(&current)?;
@@ -823,7 +825,7 @@ impl Store {
         resource: Option<&str>,
         actor: &Actor,
     ) -> Result<(), StoreError> {
-        self.bounded(async {
+        self.bounded("record_canary_trip", async {
             let mut conn = self.pool.acquire().await?;
             audit_key(
                 &mut conn,
@@ -850,7 +852,7 @@ impl Store {
         let limit = i64::from(q.limit) + 1;
         let after = q.after.map_or(Uuid::nil(), |id| id.as_uuid());
         let rows: Vec<KeyRow> = self
-            .bounded(async {
+            .bounded("list_keys", async {
                 Ok(match &q.owner {
                     Some(owner) => {
                         sqlx::query_as(concat!(

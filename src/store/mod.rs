@@ -246,12 +246,17 @@ impl Store {
         };
         let pooling = opts.transaction_pooling();
         statements::set_prepared(!pooling);
-        let mut pooled = with_timeout(&opts.url)?;
-        if pooling {
+        let pooled = if pooling {
             // Named statements would outlive the server connection
-            // PgBouncer lent for one transaction (see `statements`).
-            pooled = pooled.statement_cache_capacity(0);
-        }
+            // PgBouncer lent for one transaction (see `statements`), and
+            // PgBouncer refuses startup options it does not know: the
+            // statement timeout belongs on the role there.
+            PgConnectOptions::from_str(&opts.url)?
+                .application_name(&opts.application_name)
+                .statement_cache_capacity(0)
+        } else {
+            with_timeout(&opts.url)?
+        };
         let connect = with_timeout(opts.direct_url())?;
         let checks = opts
             .check_connections
@@ -333,12 +338,20 @@ impl Store {
         self.checks.close().await;
     }
 
-    /// Runs an admin or background call within the call deadline.
+    /// Runs an admin or background call within the call deadline, in a
+    /// span named `operation` when the caller is traced.
     async fn bounded<T>(
         &self,
+        operation: &'static str,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        within(self.call_timeout, call).await
+        use tracing::Instrument as _;
+        let span = crate::telemetry::store_span(operation);
+        if span.is_none() {
+            within(self.call_timeout, call).await
+        } else {
+            within(self.call_timeout, call).instrument(span).await
+        }
     }
 
     pub fn stats(&self) -> &StoreStats {
@@ -367,17 +380,28 @@ impl Store {
         Ok(())
     }
 
+    /// Read-only (a replica that does not migrate may lack the right to
+    /// create tables): the migrations table must exist and hold every
+    /// migration this build has.
     async fn check_migrated(&self) -> Result<(), StoreError> {
-        use sqlx::migrate::Migrate as _;
         let migrator = migrator();
         let mut conn = self.direct().await?;
-        conn.ensure_migrations_table(&migrator.table_name).await?;
-        let applied: std::collections::HashSet<i64> = conn
-            .list_applied_migrations(&migrator.table_name)
-            .await?
+        let table: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(migrator.table_name.as_ref())
+            .fetch_one(&mut conn)
+            .await
+            .map_err(StoreError::from)?;
+        let applied: std::collections::HashSet<i64> = match table {
+            None => Default::default(),
+            Some(table) => sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+                "SELECT version FROM {table} WHERE success"
+            )))
+            .fetch_all(&mut conn)
+            .await
+            .map_err(StoreError::from)?
             .into_iter()
-            .map(|m| m.version)
-            .collect();
+            .collect(),
+        };
         // Migrations this build does not know are a newer keyward's (a
         // rollback runs against the newer schema, as `migrate` allows).
         let missing = migrator
@@ -393,7 +417,7 @@ impl Store {
     /// A connection outside the pools, straight to PostgreSQL.
     async fn direct(&self) -> Result<sqlx::PgConnection, StoreError> {
         use sqlx::ConnectOptions as _;
-        self.bounded(async { Ok(self.connect.connect().await?) })
+        self.bounded("direct", async { Ok(self.connect.connect().await?) })
             .await
     }
 }

@@ -73,7 +73,7 @@ impl Store {
             .max_lifetime(None)
             .connect_lazy_with(self.connect.clone().application_name(application_name));
         let inner = self
-            .bounded(async {
+            .bounded("listen", async {
                 let mut inner = PgListener::connect_with(&pool).await?;
                 // Reconnection is the caller's business: it must catch up
                 // after a gap, so a lost connection must surface rather than

@@ -180,7 +180,9 @@ impl Store {
         .bind(actor.remote())
         .bind(values.default_rate_limits.clone().flatten().map(Json));
         let row: OwnerRow = self
-            .bounded(async { Ok(query.persistent(prepared()).fetch_one(&self.pool).await?) })
+            .bounded("create_owner", async {
+                Ok(query.persistent(prepared()).fetch_one(&self.pool).await?)
+            })
             .await?;
         row.try_into()
     }
@@ -193,7 +195,9 @@ impl Store {
         ))
         .bind(id.as_str());
         let row: OwnerRow = self
-            .bounded(async { Ok(query.persistent(prepared()).fetch_one(&self.pool).await?) })
+            .bounded("get_owner", async {
+                Ok(query.persistent(prepared()).fetch_one(&self.pool).await?)
+            })
             .await?;
         row.try_into()
     }
@@ -206,7 +210,9 @@ impl Store {
         )
         .bind(id.as_str());
         let n: i64 = self
-            .bounded(async { Ok(query.persistent(prepared()).fetch_one(&self.pool).await?) })
+            .bounded("owner_key_count", async {
+                Ok(query.persistent(prepared()).fetch_one(&self.pool).await?)
+            })
             .await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
@@ -220,7 +226,7 @@ impl Store {
         changes: &OwnerChanges,
         actor: &Actor,
     ) -> Result<OwnerRecord, StoreError> {
-        self.bounded(async {
+        self.bounded("update_owner", async {
             let mut tx = self.pool.begin().await?;
             let current: OwnerRow = sqlx::query_as(concat!(
                 "SELECT ",
@@ -302,7 +308,9 @@ impl Store {
         .bind(after.map_or("", OwnerId::as_str))
         .bind(i64::from(limit) + 1);
         let rows: Vec<OwnerRow> = self
-            .bounded(async { Ok(query.persistent(prepared()).fetch_all(&self.pool).await?) })
+            .bounded("list_owners", async {
+                Ok(query.persistent(prepared()).fetch_all(&self.pool).await?)
+            })
             .await?;
         let mut owners = rows
             .into_iter()

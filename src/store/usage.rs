@@ -70,7 +70,8 @@ impl Store {
         .bind(uses)
         .persistent(prepared())
         .execute(&self.pool);
-        self.bounded(async { Ok(statement.await?) }).await?;
+        self.bounded("record_usage", async { Ok(statement.await?) })
+            .await?;
         Ok(())
     }
 
@@ -92,7 +93,9 @@ impl Store {
         .bind(ids)
         .bind(i32::try_from(days).unwrap_or(i32::MAX));
         let rows: Vec<(Uuid, NaiveDate, i64)> = self
-            .bounded(async { Ok(query.persistent(prepared()).fetch_all(&self.pool).await?) })
+            .bounded("daily_usage", async {
+                Ok(query.persistent(prepared()).fetch_all(&self.pool).await?)
+            })
             .await?;
         let mut out: HashMap<KeyId, Vec<(NaiveDate, u64)>> = HashMap::new();
         for (id, day, uses) in rows {

@@ -4,6 +4,7 @@
 mod admin;
 mod attack;
 mod check;
+mod database;
 mod envoy;
 mod faults;
 mod helpers;
@@ -13,6 +14,8 @@ mod list;
 mod metrics;
 mod privilege;
 mod replicas;
+mod shutdown;
 mod traces;
+mod transport;
 mod usage;
 mod walkthrough;

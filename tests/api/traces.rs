@@ -396,6 +396,15 @@ async fn a_check_through_envoy_is_a_child_of_envoys_span_and_admin_calls_name_th
         Some("0")
     );
     assert!(!format!("{mint:?}").contains(secret.expose_secret()));
+    // Its store call is a child span.
+    let store = eventually_span(&receiver, |s| {
+        s.name == "insert_key" && s.parent_span_id == mint.span_id
+    })
+    .await;
+    assert_eq!(
+        attribute(&store, "db.system").as_deref(),
+        Some("postgresql")
+    );
     logged_in_span(&log_path, &spans);
     let _ = std::fs::remove_file(&log_path);
 }
@@ -425,6 +434,28 @@ fn logged_in_span(log: &std::path::Path, spans: &[(String, Span)]) {
         Some("16"),
         "UNAUTHENTICATED"
     );
+}
+
+async fn eventually_span(receiver: &Receiver, want: impl Fn(&Span) -> bool) -> Span {
+    eventually(Duration::from_secs(10), || async {
+        receiver
+            .spans()
+            .into_iter()
+            .map(|(_, s)| s)
+            .find(|s| want(s))
+    })
+    .await
+    .map(|(s, _)| s)
+    .unwrap_or_else(|| {
+        panic!(
+            "no such span among {:?}",
+            receiver
+                .spans()
+                .iter()
+                .map(|(_, s)| &s.name)
+                .collect::<Vec<_>>()
+        )
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -126,8 +126,13 @@ seccompProfile:
 
 {{/*
 The environment of keyward's containers (server and migration Job). "job"
-in the dict selects the Job's variant: its own DATABASE_URL key, and no
-listener settings beyond what `keyward migrate` reads.
+in the dict selects the Job's variant: only what `keyward migrate` reads.
+`keyward migrate` connects to KEYWARD_LISTEN_DATABASE_URL when it is set
+(migrations hold a session-level advisory lock, which a transaction-pooling
+PgBouncer cannot carry), else to DATABASE_URL. So the Job gets
+existingSecretKeys.migrationDatabaseUrl as DATABASE_URL and nothing else
+when that key is set; otherwise the servers' DATABASE_URL and their direct
+KEYWARD_LISTEN_DATABASE_URL, if any.
 */}}
 {{- define "keyward.env" -}}
 {{- $root := .root -}}
@@ -138,11 +143,12 @@ listener settings beyond what `keyward migrate` reads.
 {{- $redisKey := "" -}}
 {{- if $v.existingSecret -}}
 {{- $dbKey = $v.existingSecretKeys.databaseUrl -}}
-{{- if and .job $v.existingSecretKeys.migrationDatabaseUrl -}}
-{{- $dbKey = $v.existingSecretKeys.migrationDatabaseUrl -}}
-{{- end -}}
 {{- $listenKey = $v.existingSecretKeys.listenDatabaseUrl -}}
 {{- $redisKey = $v.existingSecretKeys.redisUrl -}}
+{{- if and .job $v.existingSecretKeys.migrationDatabaseUrl -}}
+{{- $dbKey = $v.existingSecretKeys.migrationDatabaseUrl -}}
+{{- $listenKey = "" -}}
+{{- end -}}
 {{- else -}}
 {{- if $v.database.listenUrl }}{{ $listenKey = "KEYWARD_LISTEN_DATABASE_URL" }}{{ end -}}
 {{- if $v.redis.url }}{{ $redisKey = "KEYWARD_REDIS_URL" }}{{ end -}}
@@ -160,7 +166,7 @@ listener settings beyond what `keyward migrate` reads.
     fieldRef:
       fieldPath: spec.nodeName
 {{ include "keyward.secretEnv" (dict "name" "DATABASE_URL" "secret" $secret "key" $dbKey) }}
-{{- if and $listenKey (not .job) }}
+{{- if $listenKey }}
 {{ include "keyward.secretEnv" (dict "name" "KEYWARD_LISTEN_DATABASE_URL" "secret" $secret "key" $listenKey) }}
 {{- end }}
 {{- if and $redisKey (not .job) }}
@@ -181,6 +187,8 @@ listener settings beyond what `keyward migrate` reads.
   value: {{ printf "0.0.0.0:%d" (int $v.grpc.port) | quote }}
 - name: KEYWARD_METRICS_ADDR
   value: {{ printf "0.0.0.0:%d" (int $v.metrics.port) | quote }}
+- name: KEYWARD_CACHE_MAX_BYTES
+  value: {{ $v.config.cacheMaxBytes | quote }}
 - name: KEYWARD_RUNTIME
   value: {{ $v.config.runtime | quote }}
 {{- if $v.config.workerThreads }}

@@ -480,7 +480,11 @@ impl Checker {
             }
             None => {
                 inner.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
-                if !inner.filter.might_contain(&hash) {
+                // A key the filter rules out that is being read already
+                // (a burst of checks of a key minted on another replica a
+                // moment ago) joins that read: one budget token per read,
+                // not per check.
+                if !inner.filter.might_contain(&hash) && !self.in_flight(&hash) {
                     if !inner.unknown_budget.take() {
                         inner
                             .stats
@@ -542,6 +546,10 @@ impl Checker {
     /// The store read in flight for `hash`, or a new one. The read runs in
     /// its own task, so it completes (and fills the cache) even when every
     /// caller waiting for it gave up.
+    fn in_flight(&self, hash: &KeyHash) -> bool {
+        lock(&self.inner.flights).contains_key(hash)
+    }
+
     fn flight(&self, hash: KeyHash) -> watch::Receiver<Option<Loaded>> {
         let mut flights = lock(&self.inner.flights);
         if let Some(rx) = flights.get(&hash) {

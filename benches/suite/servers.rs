@@ -112,6 +112,16 @@ impl Server {
         Self::ready(name, addr, child).await
     }
 
+    /// A server that takes only `--addr` (examples/tonic_example_authz.rs).
+    pub async fn plain(bin: &Path, name: &str) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let child = pinned(bin, SERVER_CORE)
+            .args(["--addr", &addr.to_string()])
+            .spawn()
+            .expect("start the server");
+        Self::ready(name, addr, child).await
+    }
+
     /// A private Redis on the server's core, without persistence: the
     /// system under test (keyward and the Redis it asks) is one core, and
     /// the shared Redis, which other work on the machine uses, stays out of

@@ -93,6 +93,8 @@ pub async fn run(suite: &mut Suite, ctx: &Ctx) {
             .mint(admin(
                 pb::MintRequest {
                     owner_id: "owner-0".into(),
+                    // What the suite's Envoy frames ask for (frames.rs).
+                    scopes: vec!["invoices:read".into()],
                     ..Default::default()
                 },
                 &ctx.admin_key,
@@ -159,7 +161,7 @@ pub async fn run(suite: &mut Suite, ctx: &Ctx) {
     suite.table.row(
         "revocation under load: Revoke returned on replica A -> loaded replica B refuses",
         &format!(
-            "h2gen c8m32 paced at half B's top rate ({}/s of {}/s), {keys_per_phase} keys in {:.1?}",
+            "h2gen c8m32 paced at half B's top rate ({} of {}), {keys_per_phase} keys in {:.1?}",
             k(rate),
             k(top.rps),
             watched

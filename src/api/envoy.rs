@@ -20,6 +20,7 @@
 
 use std::{collections::HashMap, fmt::Write as _, time::Instant};
 
+use bytes::BytesMut;
 use envoy_types::{
     ext_authz::v3::{
         DeniedHttpResponseBuilder, OkHttpResponseBuilder,
@@ -128,22 +129,40 @@ impl EnvoyApi {
         }
     }
 
-    /// The answer to send. A key's allow answer without rate-limit headers
+    /// The answer to send. A key's allow answer, RateLimit headers aside,
     /// is the same every time: encoded on first use and kept in its cache
-    /// entry.
+    /// entry. A key with rate limits gets this answer's RateLimit headers
+    /// as a second `ok_response` field after it: protobuf parsers (Envoy's
+    /// C++ one, prost) merge a message field that appears twice, so its
+    /// `response_headers_to_add` join the first's.
     fn answer(&self, outcome: &Outcome) -> Answer {
         if outcome.decision.allowed()
-            && outcome
-                .declared_limits()
-                .is_none_or(|l| l.windows.is_empty())
             && let Some(entry) = outcome.entry()
         {
-            let encoded = entry
-                .envoy_allow
-                .get_or_init(|| respond(outcome, &self.options).encode_to_vec().into());
-            return Answer::Encoded(encoded.clone());
+            let encoded = entry.envoy_allow.get_or_init(|| {
+                respond(outcome, &self.options, false)
+                    .encode_to_vec()
+                    .into()
+            });
+            let limits = rate_limit_headers(outcome, self.options.x_ratelimit_headers);
+            if limits.is_empty() {
+                return Answer::Encoded(encoded.clone());
+            }
+            let mut ok = OkHttpResponseBuilder::new();
+            add_response_headers(&mut ok, limits);
+            let tail = CheckResponse {
+                status: None,
+                http_response: Some(HttpResponse::OkResponse(ok.build())),
+                dynamic_metadata: None,
+            };
+            let mut both = BytesMut::with_capacity(encoded.len() + tail.encoded_len());
+            both.extend_from_slice(encoded);
+            // A BytesMut grows: encoding into it cannot run out of room.
+            if tail.encode(&mut both).is_ok() {
+                return Answer::Encoded(both.freeze());
+            }
         }
-        Answer::Message(Box::new(respond(outcome, &self.options)))
+        Answer::Message(Box::new(respond(outcome, &self.options, true)))
     }
 
     async fn decide(&self, req: &EnvoyRequest) -> Result<Outcome, Undecided> {
@@ -282,7 +301,21 @@ fn rate_limit_headers(outcome: &Outcome, x_headers: bool) -> Vec<(&'static str, 
     headers
 }
 
-fn respond(outcome: &Outcome, options: &EnvoyOptions) -> CheckResponse {
+/// Headers added to the response Envoy sends the client.
+fn add_response_headers(ok: &mut OkHttpResponseBuilder, headers: Vec<(&'static str, String)>) {
+    for (name, value) in headers {
+        ok.add_response_header(
+            name,
+            value,
+            Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+            false,
+        );
+    }
+}
+
+/// The whole answer; `with_rate_limits: false` leaves out the RateLimit
+/// headers of an allow (see `EnvoyApi::answer`).
+fn respond(outcome: &Outcome, options: &EnvoyOptions, with_rate_limits: bool) -> CheckResponse {
     let with_metadata = options.dynamic_metadata;
     let reason = outcome.decision.reason;
     let key = outcome.key();
@@ -318,13 +351,10 @@ fn respond(outcome: &Outcome, options: &EnvoyOptions) -> CheckResponse {
         for name in CREDENTIAL_HEADERS {
             ok.remove_header(name);
         }
-        // Added to the response Envoy sends the client.
-        for (name, value) in rate_limit_headers(outcome, options.x_ratelimit_headers) {
-            ok.add_response_header(
-                name,
-                value,
-                Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
-                false,
+        if with_rate_limits {
+            add_response_headers(
+                &mut ok,
+                rate_limit_headers(outcome, options.x_ratelimit_headers),
             );
         }
         HttpResponse::OkResponse(ok.build())
@@ -479,7 +509,7 @@ mod tests {
 
     #[test]
     fn denials_carry_status_body_and_headers() {
-        let resp = respond(&Outcome::denied(Reason::MissingKey), &options(true));
+        let resp = respond(&Outcome::denied(Reason::MissingKey), &options(true), true);
         assert_eq!(
             resp.status.as_ref().map(|s| s.code),
             Some(tonic::Code::Unauthenticated as i32)
@@ -510,10 +540,10 @@ mod tests {
 
     #[test]
     fn dynamic_metadata_can_be_left_out() {
-        let with = respond(&Outcome::denied(Reason::MissingKey), &options(true));
+        let with = respond(&Outcome::denied(Reason::MissingKey), &options(true), true);
         let fields = &with.dynamic_metadata.expect("metadata").fields;
         assert!(fields.contains_key("keyward_reason"));
-        let without = respond(&Outcome::denied(Reason::MissingKey), &options(false));
+        let without = respond(&Outcome::denied(Reason::MissingKey), &options(false), true);
         assert!(without.dynamic_metadata.is_none());
     }
 }

@@ -775,6 +775,16 @@ async fn over_its_limit_a_key_gets_429_through_envoy_with_the_ratelimit_headers(
     );
     let current = first.header("ratelimit").expect("ratelimit on an allow");
     assert!(current.starts_with(r#""burst";r="#), "{current}");
+    // The rest of the allow (it is the cached part, the RateLimit headers
+    // come after it) was applied too: identity in, credential out.
+    let seen = &upstream.requests()[0];
+    assert!(header(seen, "x-keyward-key-id").is_some(), "{seen:?}");
+    assert_eq!(header(seen, "x-keyward-reason"), Some("OK"));
+    assert_eq!(
+        header(seen, "x-api-key"),
+        None,
+        "credential leaked upstream"
+    );
 
     // Spend the rest over both replicas, then the next through Envoy.
     let mut spent = 1;

@@ -73,6 +73,11 @@ impl Ctx {
     pub fn hot(&self) -> &[String] {
         &self.secrets[..HOT]
     }
+
+    /// The hot keys' request frames through `door`, for h2gen.
+    pub fn hot_frames(&self, door: Door) -> Arc<Vec<Bytes>> {
+        Arc::new(self.hot().iter().map(|k| frame(door, k)).collect())
+    }
 }
 
 #[derive(Clone, clap::Parser)]

@@ -16,7 +16,7 @@ use tokio::process::Command;
 
 use crate::{
     Ctx, Samples, Suite, all_allowed,
-    frames::{Door, envoy_check_from, frame, grpc_frame, write_frames},
+    frames::{Door, envoy_check_from, grpc_frame, write_frames},
     h2gen, k,
 };
 
@@ -25,12 +25,7 @@ const FORGED: usize = 10_000;
 pub async fn run(suite: &mut Suite, ctx: &Ctx) {
     eprintln!("7. forged-key flood beside valid cache hits");
     let a = &suite.args;
-    let hot = Arc::new(
-        ctx.hot()
-            .iter()
-            .map(|k| frame(Door::Envoy, k))
-            .collect::<Vec<_>>(),
-    );
+    let hot = ctx.hot_frames(Door::Envoy);
     let top = h2gen::run(
         ctx.kw.addr,
         Door::Envoy,

@@ -1,7 +1,7 @@
 //! Scenario 1, cache hits: throughput (h2load, h2gen) and one-stream
 //! latency against the empty server, and the runtime flavours.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use crate::{
     Ctx, Suite, all_allowed,
@@ -64,11 +64,7 @@ pub async fn run(suite: &mut Suite, ctx: &Ctx) {
         None,
     );
 
-    let hot_envoy = Arc::new(
-        hot.iter()
-            .map(|k| frame(Door::Envoy, k))
-            .collect::<Vec<_>>(),
-    );
+    let hot_envoy = ctx.hot_frames(Door::Envoy);
     let r = suite
         .h2gen(&[kw, empty], Door::Envoy, &hot_envoy, 8, 8, all_allowed)
         .await;
@@ -89,11 +85,7 @@ pub async fn run(suite: &mut Suite, ctx: &Ctx) {
         "h2load",
         None,
     );
-    let hot_keyward = Arc::new(
-        hot.iter()
-            .map(|k| frame(Door::Keyward, k))
-            .collect::<Vec<_>>(),
-    );
+    let hot_keyward = ctx.hot_frames(Door::Keyward);
     let r = suite
         .h2gen(&[kw, empty], Door::Keyward, &hot_keyward, 8, 8, all_allowed)
         .await;

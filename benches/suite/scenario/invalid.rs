@@ -84,12 +84,7 @@ pub async fn run(suite: &mut Suite, ctx: &Ctx) {
 /// moment ago) none reaches the store or the negative cache.
 async fn filter_negative(suite: &mut Suite, ctx: &Ctx) {
     let a = &suite.args;
-    let hot = Arc::new(
-        ctx.hot()
-            .iter()
-            .map(|k| frame(Door::Envoy, k))
-            .collect::<Vec<_>>(),
-    );
+    let hot = ctx.hot_frames(Door::Envoy);
     let forged = Arc::new(
         ctx.unknown
             .iter()

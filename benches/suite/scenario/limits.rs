@@ -39,12 +39,7 @@ pub async fn run(suite: &mut Suite, ctx: &Ctx) {
     eprintln!("8. rate limits and credits");
     let a = suite.args.clone();
     let limited = &ctx.limited;
-    let hot = Arc::new(
-        ctx.hot()
-            .iter()
-            .map(|k| frame(Door::Envoy, k))
-            .collect::<Vec<_>>(),
-    );
+    let hot = ctx.hot_frames(Door::Envoy);
     let limited_frames = Arc::new(
         limited
             .iter()

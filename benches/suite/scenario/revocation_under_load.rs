@@ -4,22 +4,14 @@
 //! Measured: from Revoke returning on A to B refusing the key, idle and
 //! under that load, in one run.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use keyward::pb::{self, key_service_client::KeyServiceClient};
 use tonic::transport::Channel;
 
 use crate::{
-    Ctx, Suite, all_allowed,
-    frames::{Door, frame},
-    grpc::with_key as admin,
-    h2gen, k,
-    latency::Client,
-    servers::Server,
-    verdict,
+    Ctx, Suite, all_allowed, frames::Door, grpc::with_key as admin, h2gen, k, latency::Client,
+    servers::Server, verdict,
 };
 
 /// Longest wait for B to refuse one key.
@@ -113,12 +105,7 @@ pub async fn run(suite: &mut Suite, ctx: &Ctx) {
     let idle = revoke_and_watch(&mut a, &mut b, &ctx.admin_key, idle_keys).await;
 
     // B's top cache-hit rate, then half of it while keys are revoked.
-    let hot = Arc::new(
-        ctx.hot()
-            .iter()
-            .map(|key| frame(Door::Envoy, key))
-            .collect::<Vec<_>>(),
-    );
+    let hot = ctx.hot_frames(Door::Envoy);
     let top = h2gen::run(
         ctx.kw.addr,
         Door::Envoy,

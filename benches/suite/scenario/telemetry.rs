@@ -25,7 +25,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 
 use crate::{
     Ctx, Suite, all_allowed,
-    frames::{Door, frame},
+    frames::Door,
     servers::{SERVER_CORE, Server},
 };
 
@@ -89,12 +89,7 @@ pub async fn run(suite: &mut Suite, ctx: &Ctx) {
         ],
     )
     .await;
-    let hot = Arc::new(
-        ctx.hot()
-            .iter()
-            .map(|key| frame(Door::Envoy, key))
-            .collect::<Vec<_>>(),
-    );
+    let hot = ctx.hot_frames(Door::Envoy);
     // Warm every server's cache with every hot key.
     for server in [&metrics_off, &traced] {
         let run = crate::h2gen::run(

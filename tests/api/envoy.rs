@@ -68,19 +68,11 @@ impl Upstream {
     }
 }
 
-fn envoy_binary() -> PathBuf {
-    let local = repo().join(".tools/bin/envoy");
-    if local.exists() {
-        return local;
-    }
-    PathBuf::from("envoy")
-}
-
 /// The real Envoy on the example configuration, in front of keyward and the
 /// recording upstream.
 async fn start_envoy(keyward: SocketAddr, upstream: SocketAddr, raw_headers: bool) -> Envoy {
     Envoy::start(
-        &envoy_binary(),
+        &envoy_process::binary(&repo()),
         &repo(),
         Targets {
             authz_port: keyward.port(),

@@ -30,21 +30,12 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    envoy::envoy_process::free_port,
+    envoy::envoy_process::{self, free_port},
     helpers::{eventually, fresh_database_url, test_config, with_key},
 };
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn envoy_binary() -> PathBuf {
-    let local = repo().join(".tools/bin/envoy");
-    if local.exists() {
-        local
-    } else {
-        PathBuf::from("envoy")
-    }
 }
 
 async fn channel(addr: SocketAddr) -> Channel {
@@ -384,22 +375,7 @@ impl EnvoyProcess {
         let (ingress, admin) = (free_port(), free_port());
         let config = std::env::temp_dir().join(format!("keyward-shutdown-envoy-{ingress}.yaml"));
         std::fs::write(&config, envoy_config(ingress, admin, replicas)).expect("envoy config");
-        let verbose = std::env::var_os("TEST_LOG").is_some();
-        let child = Command::new(envoy_binary())
-            .args(["--concurrency", "1", "--disable-hot-restart", "--log-level"])
-            .arg(if verbose { "info" } else { "error" })
-            .arg("-c")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(if verbose {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start envoy: ./scripts/test installs it into .tools");
+        let child = envoy_process::spawn(&envoy_process::binary(&repo()), &config, None);
         let mut envoy = Self {
             child,
             admin,

@@ -30,7 +30,7 @@ use tonic::{Request, Response, Status};
 use crate::helpers::{eventually, fresh_database_url, test_config, with_key};
 use keyward::{pb, startup};
 
-use crate::envoy::envoy_process::free_port;
+use crate::envoy::envoy_process::{self, free_port};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -231,7 +231,6 @@ async fn a_check_through_envoy_is_a_child_of_envoys_span_and_admin_calls_name_th
         .await
         .expect("bootstrap");
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let verbose = std::env::var_os("TEST_LOG").is_some();
     let log_path = std::env::temp_dir().join(format!("keyward-traces-{}.log", addr.port()));
     let log = std::fs::File::create(&log_path).expect("log file");
     let _keyward = Killed(
@@ -284,30 +283,11 @@ async fn a_check_through_envoy_is_a_child_of_envoys_span_and_admin_calls_name_th
     let (ingress, envoy_admin) = (free_port(), free_port());
     let config = std::env::temp_dir().join(format!("keyward-traces-{ingress}.yaml"));
     std::fs::write(&config, envoy_config(ingress, envoy_admin, addr, otlp)).expect("config");
-    let envoy_bin = {
-        let local = repo().join(".tools/bin/envoy");
-        if local.exists() {
-            local
-        } else {
-            PathBuf::from("envoy")
-        }
-    };
-    let _envoy = Killed(
-        Command::new(envoy_bin)
-            .args(["--concurrency", "1", "--disable-hot-restart", "--log-level"])
-            .arg(if verbose { "info" } else { "error" })
-            .arg("-c")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(if verbose {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start envoy"),
-    );
+    let _envoy = Killed(envoy_process::spawn(
+        &envoy_process::binary(&repo()),
+        &config,
+        None,
+    ));
     wait_for_port(
         format!("127.0.0.1:{ingress}").parse().expect("addr"),
         "envoy",

@@ -1,5 +1,6 @@
 //! The real Envoy running the repository's own deploy/envoy/envoy.yaml, with
-//! its ports swapped for free loopback ones. Shared by tests/api/envoy.rs and
+//! its ports swapped for free loopback ones; and [`binary`] and [`spawn`] for
+//! tests that write a config of their own. Shared by tests/api and
 //! benches/suite (each includes this file with `#[path]`).
 
 use std::{
@@ -72,29 +73,7 @@ impl Envoy {
         );
         let config = std::env::temp_dir().join(format!("keyward-envoy-{port}.yaml"));
         std::fs::write(&config, yaml).expect("write envoy config");
-        let mut cmd = match options.cpus {
-            Some(cpus) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", cpus]).arg(bin);
-                c
-            }
-            None => Command::new(bin),
-        };
-        let verbose = std::env::var_os("TEST_LOG").is_some();
-        let child = cmd
-            .args(["--concurrency", "1", "--disable-hot-restart", "--log-level"])
-            .arg(if verbose { "info" } else { "error" })
-            .arg("-c")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(if verbose {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start envoy: ./scripts/test and ./scripts/bench install it into .tools");
+        let child = spawn(bin, &config, options.cpus);
         let envoy = Self {
             child,
             port,
@@ -112,6 +91,46 @@ impl Envoy {
     pub fn pid(&self) -> u32 {
         self.child.id().expect("envoy running")
     }
+}
+
+/// The Envoy binary the scripts install into `.tools`, else `envoy` on the
+/// PATH.
+pub fn binary(repo: &Path) -> PathBuf {
+    let local = repo.join(".tools/bin/envoy");
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from("envoy")
+    }
+}
+
+/// Starts `bin` on the config file `config`, pinned to the `taskset -c`
+/// list `cpus` if given: one worker, no hot restart, quiet unless TEST_LOG
+/// is set. Killed when the child is dropped.
+pub fn spawn(bin: &Path, config: &Path, cpus: Option<&str>) -> Child {
+    let mut cmd = match cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let verbose = std::env::var_os("TEST_LOG").is_some();
+    cmd.args(["--concurrency", "1", "--disable-hot-restart", "--log-level"])
+        .arg(if verbose { "info" } else { "error" })
+        .arg("-c")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(if verbose {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start envoy: ./scripts/test and ./scripts/bench install it into .tools")
 }
 
 /// `GET /ready` on the admin port answers 200.

@@ -23,10 +23,14 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// per check, where an empty server's tiny answers share one. Without
 /// vectored writes h2 copies payloads under 1 KiB into its buffer and writes
 /// many responses at once. See BENCHMARKS.md for what this is worth.
+///
+/// Generic so that it can wrap a TLS stream too (`tls::TlsConn`):
+/// tokio-rustls's stream claims vectored writes whatever the connection
+/// under it says.
 #[derive(Debug)]
-pub struct Coalescing(pub TcpStream);
+pub struct Coalescing<T = TcpStream>(pub T);
 
-impl AsyncRead for Coalescing {
+impl<T: AsyncRead + Unpin> AsyncRead for Coalescing<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -37,7 +41,7 @@ impl AsyncRead for Coalescing {
 }
 
 // `is_write_vectored` keeps its default, `false`: that is the point.
-impl AsyncWrite for Coalescing {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Coalescing<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -31,7 +31,6 @@ use rustls_pki_types::{
     pem::{self, PemObject},
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::watch,
     task::{JoinHandle, JoinSet},
@@ -579,7 +578,7 @@ async fn handshake(
     }
     let accept = tokio_rustls::TlsAcceptor::from(config).accept(Coalescing(tcp));
     match tokio::time::timeout(timeout, accept).await {
-        Ok(Ok(tls)) => Some(TlsConn(tls)),
+        Ok(Ok(tls)) => Some(Coalescing(tls)),
         Ok(Err(err)) => {
             tracing::debug!(%peer, error = %err, "TLS handshake failed");
             None
@@ -592,46 +591,7 @@ async fn handshake(
 }
 
 /// An accepted TLS connection, handshake done.
-pub struct TlsConn(tokio_rustls::server::TlsStream<Coalescing>);
-
-impl fmt::Debug for TlsConn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsConn")
-            .field("peer", &self.0.get_ref().0.0.peer_addr().ok())
-            .finish_non_exhaustive()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-// `is_write_vectored` keeps its default, `false`, for the reason given on
-// `Coalescing`: tokio-rustls's stream claims vectored writes whatever the
-// socket under it says, which would bring back a write per response.
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
+pub type TlsConn = Coalescing<tokio_rustls::server::TlsStream<Coalescing>>;
 
 /// The TCP connection's, so `Request::remote_addr` (which looks for
 /// `TcpConnectInfo` first) works in handlers as without TLS.
@@ -652,7 +612,7 @@ mod tests {
         IsCa, KeyPair, KeyUsagePurpose,
     };
     use rustls::{ClientConfig, pki_types::ServerName};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::{AsyncReadExt as _, AsyncWrite as _, AsyncWriteExt as _};
     use tokio_stream::StreamExt as _;
 
     use super::*;

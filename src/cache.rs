@@ -43,6 +43,7 @@ use moka::sync::Cache;
 
 use crate::{
     key::{Grant, KeyHash, KeyId, OwnerId},
+    limits::rate::BucketRef,
     usage::{KeyUsage, Used},
 };
 
@@ -83,6 +84,9 @@ pub struct CachedKey {
     /// first use and sent as is after (see `api::envoy`): it depends only on
     /// the key and the process's settings.
     pub envoy_allow: OnceLock<bytes::Bytes>,
+    /// Its bucket's rate-limit state on the local backend, held from the
+    /// first limited check on (a cache hit then finds it without a lookup).
+    pub rate: BucketRef,
 }
 
 /// What an encoded Envoy allow answer adds to an entry, beyond the key's
@@ -276,6 +280,7 @@ impl KeyCache {
                     usage: KeyUsage::default(),
                     loaded_at: Instant::now(),
                     envoy_allow: OnceLock::new(),
+                    rate: BucketRef::default(),
                 });
                 self.unknown.invalidate(&hash);
                 self.known.insert(hash, entry.clone());

@@ -667,7 +667,7 @@ impl Checker {
             }
         }
         if !limits.windows.is_empty() {
-            let decision = inner.rate.check(&limits, cost).await;
+            let decision = inner.rate.check(&limits, cost, Some(&entry.rate)).await;
             report.windows = decision.windows;
             if !decision.allowed {
                 if limits.credits {

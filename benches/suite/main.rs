@@ -448,6 +448,8 @@ async fn main() {
             .map(|k| frame(Door::Envoy, k))
             .collect();
         frames::write_frames(&dir.join("envoy-hot-10000.bin"), &hot);
+        let limited: Vec<Bytes> = limited.iter().map(|k| frame(Door::Envoy, k)).collect();
+        frames::write_frames(&dir.join("envoy-limited-10000.bin"), &limited);
         println!("{url}");
         return;
     }

@@ -20,7 +20,7 @@
 
 use std::{collections::HashMap, fmt::Write as _, time::Instant};
 
-use bytes::BytesMut;
+use bytes::{BufMut as _, BytesMut};
 use envoy_types::{
     ext_authz::v3::{
         DeniedHttpResponseBuilder, OkHttpResponseBuilder,
@@ -31,7 +31,10 @@ use envoy_types::{
         rpc,
     },
 };
-use prost::Message as _;
+use prost::{
+    Message as _,
+    encoding::{encode_varint, encoded_len_varint},
+};
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
@@ -43,6 +46,8 @@ use super::{
 };
 use crate::{
     checker::{Checker, Outcome, Undecided},
+    key::{Limits, MAX_WINDOWS, RateLimit},
+    limits::{LimitReport, WindowState},
     metrics::Door,
     policy::{self, Reason},
     telemetry,
@@ -129,40 +134,35 @@ impl EnvoyApi {
         }
     }
 
-    /// The answer to send. A key's allow answer, RateLimit headers aside,
-    /// is the same every time: encoded on first use and kept in its cache
-    /// entry. A key with rate limits gets this answer's RateLimit headers
-    /// as a second `ok_response` field after it: protobuf parsers (Envoy's
-    /// C++ one, prost) merge a message field that appears twice, so its
+    /// The answer to send. A key's allow answer, the `RateLimit` header
+    /// aside, is the same every time: encoded on first use and kept in its
+    /// cache entry (with `RateLimit-Policy`, which depends only on the key).
+    /// A key with rate limits gets this answer's `RateLimit` header as a
+    /// second `ok_response` field after it: protobuf parsers (Envoy's C++
+    /// one, prost) merge a message field that appears twice, so its
     /// `response_headers_to_add` join the first's.
     fn answer(&self, outcome: &Outcome) -> Answer {
         if outcome.decision.allowed()
             && let Some(entry) = outcome.entry()
         {
             let encoded = entry.envoy_allow.get_or_init(|| {
-                respond(outcome, &self.options, false)
+                respond(outcome, &self.options, RateHeaders::Policy)
                     .encode_to_vec()
                     .into()
             });
-            let limits = rate_limit_headers(outcome, self.options.x_ratelimit_headers);
-            if limits.is_empty() {
+            let (Some(limits), Some(report)) = (outcome.declared_limits(), &outcome.limits) else {
+                return Answer::Encoded(encoded.clone());
+            };
+            if limits.windows.is_empty() {
                 return Answer::Encoded(encoded.clone());
             }
-            let mut ok = OkHttpResponseBuilder::new();
-            add_response_headers(&mut ok, limits);
-            let tail = CheckResponse {
-                status: None,
-                http_response: Some(HttpResponse::OkResponse(ok.build())),
-                dynamic_metadata: None,
-            };
-            let mut both = BytesMut::with_capacity(encoded.len() + tail.encoded_len());
+            let mut both = BytesMut::with_capacity(encoded.len() + TAIL_ROOM);
             both.extend_from_slice(encoded);
-            // A BytesMut grows: encoding into it cannot run out of room.
-            if tail.encode(&mut both).is_ok() {
+            if append_rate_limit_tail(&mut both, limits, report, self.options.x_ratelimit_headers) {
                 return Answer::Encoded(both.freeze());
             }
         }
-        Answer::Message(Box::new(respond(outcome, &self.options, true)))
+        Answer::Message(Box::new(respond(outcome, &self.options, RateHeaders::All)))
     }
 
     async fn decide(&self, req: &EnvoyRequest) -> Result<Outcome, Undecided> {
@@ -262,11 +262,20 @@ fn strip_port(host: &str) -> &str {
 /// The RateLimit headers of an answer (draft-ietf-httpapi-ratelimit-headers):
 /// `RateLimit-Policy` (prebuilt per key) and `RateLimit` (this answer's),
 /// and on request the older X-RateLimit-* trio for the window closest to
-/// its limit.
+/// its limit. [`append_rate_limit_tail`] writes the same for an allow
+/// without building them.
 fn rate_limit_headers(outcome: &Outcome, x_headers: bool) -> Vec<(&'static str, String)> {
-    let (Some(limits), Some(report)) = (outcome.declared_limits(), &outcome.limits) else {
-        return Vec::new();
-    };
+    match (outcome.declared_limits(), &outcome.limits) {
+        (Some(limits), Some(report)) => rate_limit_headers_of(limits, report, x_headers),
+        _ => Vec::new(),
+    }
+}
+
+fn rate_limit_headers_of(
+    limits: &Limits,
+    report: &LimitReport,
+    x_headers: bool,
+) -> Vec<(&'static str, String)> {
     if limits.windows.is_empty() || report.windows.len() != limits.windows.len() {
         return Vec::new();
     }
@@ -275,30 +284,160 @@ fn rate_limit_headers(outcome: &Outcome, x_headers: bool) -> Vec<(&'static str, 
         if i > 0 {
             current.push_str(", ");
         }
-        // Seconds until the window is full again, rounded up.
-        let reset = if state.reset.is_zero() {
-            0
-        } else {
-            retry_after_secs(state.reset)
-        };
-        let _ = write!(current, "\"{}\";r={};t={reset}", w.name(), state.remaining);
+        let _ = write!(
+            current,
+            "\"{}\";r={};t={}",
+            w.name(),
+            state.remaining,
+            reset_secs(state)
+        );
     }
     let mut headers = vec![
         ("ratelimit-policy", limits.policy_header.to_string()),
         ("ratelimit", current),
     ];
-    if x_headers
-        && let Some((w, state)) = limits
-            .windows
-            .iter()
-            .zip(&report.windows)
-            .min_by_key(|(w, state)| state.remaining.saturating_mul(1000) / w.limit().max(1))
-    {
+    if x_headers && let Some((w, state)) = closest_to_limit(limits, report) {
         headers.push(("x-ratelimit-limit", w.limit().to_string()));
         headers.push(("x-ratelimit-remaining", state.remaining.to_string()));
         headers.push(("x-ratelimit-reset", state.reset.as_secs().to_string()));
     }
     headers
+}
+
+/// Seconds until the window is full again, rounded up.
+fn reset_secs(state: &WindowState) -> u64 {
+    if state.reset.is_zero() {
+        0
+    } else {
+        retry_after_secs(state.reset)
+    }
+}
+
+/// The window with the smallest share of its limit left.
+fn closest_to_limit<'a>(
+    limits: &'a Limits,
+    report: &'a LimitReport,
+) -> Option<(&'a RateLimit, &'a WindowState)> {
+    limits
+        .windows
+        .iter()
+        .zip(&report.windows)
+        .min_by_key(|(w, state)| state.remaining.saturating_mul(1000) / w.limit().max(1))
+}
+
+/// Room for the tail of an allow with up to 8 windows' `RateLimit` and
+/// the X-RateLimit trio.
+const TAIL_ROOM: usize = 1024;
+
+/// Appends to an encoded allow a second `ok_response` holding only this
+/// answer's `RateLimit` header (and, with `x_headers`, X-RateLimit-*),
+/// each set with OVERWRITE_IF_EXISTS_OR_ADD on the client's response:
+/// byte for byte what prost encodes for that message (tested), written
+/// from the key's prebuilt parts without an allocation of its own.
+/// `false`: the report does not fit the limits (nothing written).
+fn append_rate_limit_tail(
+    out: &mut BytesMut,
+    limits: &Limits,
+    report: &LimitReport,
+    x_headers: bool,
+) -> bool {
+    if report.windows.len() != limits.windows.len() || limits.windows.len() > MAX_WINDOWS {
+        return false;
+    }
+    let mut value = Line::default();
+    for (i, state) in report.windows.iter().enumerate() {
+        value.push(limits.rate_prefix(i).as_bytes());
+        value.push(itoa::Buffer::new().format(state.remaining).as_bytes());
+        value.push(b";t=");
+        value.push(itoa::Buffer::new().format(reset_secs(state)).as_bytes());
+    }
+    let mut x = [
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+    ];
+    let mut headers: [(&str, &[u8]); 4] = [
+        ("ratelimit", value.bytes()),
+        ("", &[]),
+        ("", &[]),
+        ("", &[]),
+    ];
+    let mut n = 1;
+    if x_headers && let Some((w, state)) = closest_to_limit(limits, report) {
+        let [a, b, c] = &mut x;
+        headers[1] = ("x-ratelimit-limit", a.format(w.limit()).as_bytes());
+        headers[2] = (
+            "x-ratelimit-remaining",
+            b.format(state.remaining).as_bytes(),
+        );
+        headers[3] = (
+            "x-ratelimit-reset",
+            c.format(state.reset.as_secs()).as_bytes(),
+        );
+        n = 4;
+    }
+    if value.overflowed {
+        return false;
+    }
+    let headers = &headers[..n];
+    // HeaderValue {key = 1, value = 2}; HeaderValueOption {header = 1,
+    // append_action = 3}; OkHttpResponse {response_headers_to_add = 6};
+    // CheckResponse {ok_response = 3}.
+    let field = |len: usize| 1 + encoded_len_varint(len as u64) + len;
+    let header_len = |k: &str, v: &[u8]| field(k.len()) + field(v.len());
+    let option_len = |k: &str, v: &[u8]| field(header_len(k, v)) + 2;
+    let ok_len: usize = headers.iter().map(|(k, v)| field(option_len(k, v))).sum();
+    out.reserve(field(ok_len));
+    out.put_u8(0x1a);
+    encode_varint(ok_len as u64, out);
+    for (k, v) in headers {
+        out.put_u8(0x32);
+        encode_varint(option_len(k, v) as u64, out);
+        out.put_u8(0x0a);
+        encode_varint(header_len(k, v) as u64, out);
+        out.put_u8(0x0a);
+        encode_varint(k.len() as u64, out);
+        out.put_slice(k.as_bytes());
+        out.put_u8(0x12);
+        encode_varint(v.len() as u64, out);
+        out.put_slice(v);
+        out.put_u8(0x18);
+        out.put_u8(HeaderAppendAction::OverwriteIfExistsOrAdd as u8);
+    }
+    true
+}
+
+/// A header value built on the stack.
+struct Line {
+    buf: [u8; TAIL_ROOM],
+    len: usize,
+    overflowed: bool,
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Self {
+            buf: [0; TAIL_ROOM],
+            len: 0,
+            overflowed: false,
+        }
+    }
+}
+
+impl Line {
+    fn push(&mut self, bytes: &[u8]) {
+        match self.buf.get_mut(self.len..self.len + bytes.len()) {
+            Some(room) => {
+                room.copy_from_slice(bytes);
+                self.len += bytes.len();
+            }
+            None => self.overflowed = true,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 /// Headers added to the response Envoy sends the client.
@@ -313,9 +452,18 @@ fn add_response_headers(ok: &mut OkHttpResponseBuilder, headers: Vec<(&'static s
     }
 }
 
-/// The whole answer; `with_rate_limits: false` leaves out the RateLimit
-/// headers of an allow (see `EnvoyApi::answer`).
-fn respond(outcome: &Outcome, options: &EnvoyOptions, with_rate_limits: bool) -> CheckResponse {
+/// Which RateLimit headers an allow carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RateHeaders {
+    /// Only `RateLimit-Policy`: the part of an allow cached per key (see
+    /// `EnvoyApi::answer`).
+    Policy,
+    /// All of this answer's.
+    All,
+}
+
+/// The whole answer.
+fn respond(outcome: &Outcome, options: &EnvoyOptions, rate: RateHeaders) -> CheckResponse {
     let with_metadata = options.dynamic_metadata;
     let reason = outcome.decision.reason;
     let key = outcome.key();
@@ -351,12 +499,15 @@ fn respond(outcome: &Outcome, options: &EnvoyOptions, with_rate_limits: bool) ->
         for name in CREDENTIAL_HEADERS {
             ok.remove_header(name);
         }
-        if with_rate_limits {
-            add_response_headers(
-                &mut ok,
-                rate_limit_headers(outcome, options.x_ratelimit_headers),
-            );
-        }
+        let limits = match rate {
+            RateHeaders::Policy => outcome
+                .declared_limits()
+                .filter(|l| !l.windows.is_empty())
+                .map(|l| vec![("ratelimit-policy", l.policy_header.to_string())])
+                .unwrap_or_default(),
+            RateHeaders::All => rate_limit_headers(outcome, options.x_ratelimit_headers),
+        };
+        add_response_headers(&mut ok, limits);
         HttpResponse::OkResponse(ok.build())
     } else {
         let status = reason.http_status();
@@ -453,6 +604,110 @@ fn http_status_code(status: u16) -> HttpStatusCode {
 mod tests {
     use super::*;
 
+    fn two_windows() -> (Limits, LimitReport) {
+        let limits = Limits::new(
+            crate::key::KeyId::new_v7(),
+            vec![
+                RateLimit::new("burst", 100, std::time::Duration::from_secs(1)).unwrap(),
+                RateLimit::new("daily-x", 100_000, std::time::Duration::from_secs(86_400)).unwrap(),
+            ],
+            false,
+        )
+        .unwrap();
+        let report = LimitReport {
+            windows: [
+                WindowState {
+                    remaining: 99,
+                    reset: std::time::Duration::from_millis(10),
+                },
+                WindowState {
+                    remaining: 12_345,
+                    reset: std::time::Duration::from_secs(75_000),
+                },
+            ]
+            .into_iter()
+            .collect(),
+            credits_remaining: None,
+        };
+        (limits, report)
+    }
+
+    #[test]
+    fn the_rate_limit_tail_is_what_prost_encodes_for_the_same_headers() {
+        let (limits, report) = two_windows();
+        for x_headers in [false, true] {
+            let mut tail = BytesMut::new();
+            assert!(append_rate_limit_tail(
+                &mut tail, &limits, &report, x_headers
+            ));
+            let mut ok = OkHttpResponseBuilder::new();
+            let mut headers = rate_limit_headers_of(&limits, &report, x_headers);
+            headers.retain(|(name, _)| *name != "ratelimit-policy");
+            assert_eq!(headers.len(), if x_headers { 4 } else { 1 });
+            add_response_headers(&mut ok, headers);
+            let expected = CheckResponse {
+                status: None,
+                http_response: Some(HttpResponse::OkResponse(ok.build())),
+                dynamic_metadata: None,
+            }
+            .encode_to_vec();
+            assert_eq!(&tail[..], &expected[..], "x_headers {x_headers}");
+        }
+        // The values themselves.
+        let headers = rate_limit_headers_of(&limits, &report, true);
+        assert_eq!(
+            headers,
+            [
+                (
+                    "ratelimit-policy",
+                    r#""burst";q=100;w=1, "daily-x";q=100000;w=86400"#.to_owned()
+                ),
+                (
+                    "ratelimit",
+                    r#""burst";r=99;t=1, "daily-x";r=12345;t=75000"#.to_owned()
+                ),
+                ("x-ratelimit-limit", "100000".to_owned()),
+                ("x-ratelimit-remaining", "12345".to_owned()),
+                ("x-ratelimit-reset", "75000".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_allow_and_its_tail_parse_as_one_answer_with_every_header() {
+        let (limits, report) = two_windows();
+        let mut ok = OkHttpResponseBuilder::new();
+        ok.add_header("x-keyward-key-id", "k", None, false);
+        ok.add_response_header("ratelimit-policy", &*limits.policy_header, None, false);
+        let allow = CheckResponse {
+            status: Some(rpc::Status::default()),
+            http_response: Some(HttpResponse::OkResponse(ok.build())),
+            dynamic_metadata: None,
+        };
+        let mut both = BytesMut::from(&allow.encode_to_vec()[..]);
+        assert!(append_rate_limit_tail(&mut both, &limits, &report, false));
+        let parsed = CheckResponse::decode(&both[..]).unwrap();
+        let Some(HttpResponse::OkResponse(ok)) = parsed.http_response else {
+            panic!("not an allow");
+        };
+        assert_eq!(ok.headers.len(), 1, "the allow's own headers kept");
+        let added: Vec<_> = ok
+            .response_headers_to_add
+            .iter()
+            .map(|h| h.header.as_ref().unwrap().key.as_str())
+            .collect();
+        assert_eq!(added, ["ratelimit-policy", "ratelimit"]);
+    }
+
+    #[test]
+    fn a_report_that_does_not_fit_the_limits_writes_no_tail() {
+        let (limits, mut report) = two_windows();
+        report.windows.pop();
+        let mut tail = BytesMut::new();
+        assert!(!append_rate_limit_tail(&mut tail, &limits, &report, false));
+        assert!(tail.is_empty());
+    }
+
     fn cred(authorization: Option<&str>, api_key: Option<&str>) -> Result<Option<String>, Reason> {
         let req = EnvoyRequest {
             authorization: authorization.map(str::to_owned),
@@ -509,7 +764,11 @@ mod tests {
 
     #[test]
     fn denials_carry_status_body_and_headers() {
-        let resp = respond(&Outcome::denied(Reason::MissingKey), &options(true), true);
+        let resp = respond(
+            &Outcome::denied(Reason::MissingKey),
+            &options(true),
+            RateHeaders::All,
+        );
         assert_eq!(
             resp.status.as_ref().map(|s| s.code),
             Some(tonic::Code::Unauthenticated as i32)
@@ -540,10 +799,18 @@ mod tests {
 
     #[test]
     fn dynamic_metadata_can_be_left_out() {
-        let with = respond(&Outcome::denied(Reason::MissingKey), &options(true), true);
+        let with = respond(
+            &Outcome::denied(Reason::MissingKey),
+            &options(true),
+            RateHeaders::All,
+        );
         let fields = &with.dynamic_metadata.expect("metadata").fields;
         assert!(fields.contains_key("keyward_reason"));
-        let without = respond(&Outcome::denied(Reason::MissingKey), &options(false), true);
+        let without = respond(
+            &Outcome::denied(Reason::MissingKey),
+            &options(false),
+            RateHeaders::All,
+        );
         assert!(without.dynamic_metadata.is_none());
     }
 }

@@ -153,6 +153,11 @@ pub struct Limits {
     /// The `RateLimit-Policy` header value (draft-ietf-httpapi-ratelimit-
     /// headers): the same on every answer, so built once.
     pub policy_header: Box<str>,
+    /// What the `RateLimit` header repeats on every answer, built once:
+    /// window `i`'s part up to its numbers (`, "name";r=`) is
+    /// `rate_prefixes[rate_prefix_ends[i - 1]..rate_prefix_ends[i]]`.
+    rate_prefixes: Box<str>,
+    rate_prefix_ends: [u16; MAX_WINDOWS],
 }
 
 impl Limits {
@@ -174,12 +179,37 @@ impl Limits {
                 w.window().as_secs().max(1)
             );
         }
+        let mut rate_prefixes = String::new();
+        let mut rate_prefix_ends = [0u16; MAX_WINDOWS];
+        for (i, w) in windows.iter().take(MAX_WINDOWS).enumerate() {
+            if i > 0 {
+                rate_prefixes.push_str(", ");
+            }
+            let _ = write!(rate_prefixes, "\"{}\";r=", w.name);
+            // At most 8 windows of names of at most 32 bytes.
+            rate_prefix_ends[i] = u16::try_from(rate_prefixes.len()).unwrap_or(u16::MAX);
+        }
         Some(Self {
             bucket,
             windows: windows.into(),
             credits,
             policy_header: policy.into(),
+            rate_prefixes: rate_prefixes.into(),
+            rate_prefix_ends,
         })
+    }
+
+    /// Window `i`'s part of the `RateLimit` header before its numbers:
+    /// `"name";r=`, after `, ` from the second window on.
+    pub fn rate_prefix(&self, i: usize) -> &str {
+        let start = match i {
+            0 => 0,
+            _ => self.rate_prefix_ends.get(i - 1).copied().unwrap_or(0),
+        };
+        let end = self.rate_prefix_ends.get(i).copied().unwrap_or(0);
+        self.rate_prefixes
+            .get(usize::from(start)..usize::from(end))
+            .unwrap_or("")
     }
 }
 
@@ -234,6 +264,9 @@ mod tests {
             &*limits.policy_header,
             r#""burst";q=100;w=1, "daily";q=100000;w=86400"#
         );
+        assert_eq!(limits.rate_prefix(0), r#""burst";r="#);
+        assert_eq!(limits.rate_prefix(1), r#", "daily";r="#);
+        assert_eq!(limits.rate_prefix(2), "");
         assert!(Limits::new(KeyId::new_v7(), vec![], false).is_none());
     }
 

@@ -118,10 +118,13 @@ impl CreditBook {
             });
         }
         let need = cost - block.available;
-        match self
-            .store
-            .reserve_credits(bucket, need, self.max_block, now)
-            .await
+        // Boxed: a reservation is rare, and its statement's future would
+        // otherwise be part of every limited check's.
+        match Box::pin(
+            self.store
+                .reserve_credits(bucket, need, self.max_block, now),
+        )
+        .await
         {
             Ok(Some(r)) => {
                 if r.version != block.version || r.period != block.period {

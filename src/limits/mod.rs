@@ -24,7 +24,7 @@ pub struct WindowState {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LimitReport {
     /// In the key's window order.
-    pub windows: Vec<WindowState>,
+    pub windows: rate::Windows,
     /// This replica's view of the credits left, if the key has credits.
     pub credits_remaining: Option<u64>,
 }

@@ -26,6 +26,7 @@ use std::{
 
 use arc_swap::ArcSwapOption;
 use redis::aio::ConnectionManager;
+use smallvec::SmallVec;
 
 use super::WindowState;
 use crate::key::{KeyId, Limits, RateLimit};
@@ -39,7 +40,7 @@ pub struct RateDecision {
     pub allowed: bool,
     /// When refused: when the same use would be allowed.
     pub retry_after: Duration,
-    pub windows: Vec<WindowState>,
+    pub windows: Windows,
 }
 
 #[derive(Debug, Clone)]
@@ -129,10 +130,18 @@ impl RateLimiter {
     }
 
     /// Checks one use of `cost` against every window of `limits`, and
-    /// counts it if all allow it.
-    pub async fn check(&self, limits: &Limits, cost: u64) -> RateDecision {
+    /// counts it if all allow it. `held`: the cache entry's hold on the
+    /// bucket's local state, kept there on first use.
+    pub async fn check(
+        &self,
+        limits: &Arc<Limits>,
+        cost: u64,
+        held: Option<&BucketRef>,
+    ) -> RateDecision {
         if let Some(redis) = &self.redis {
-            match redis.check(limits, cost).await {
+            // Boxed: the round trip's future would otherwise be part of
+            // every local check's too.
+            match Box::pin(redis.check(limits, cost)).await {
                 Ok(decision) => {
                     self.stats.redis_checks.fetch_add(1, Ordering::Relaxed);
                     return decision;
@@ -143,7 +152,7 @@ impl RateLimiter {
                 }
             }
         }
-        self.local.check(limits, cost, Instant::now())
+        self.local.check(limits, cost, Instant::now(), held)
     }
 
     /// One line every ten seconds at most: while Redis is down every
@@ -225,9 +234,11 @@ fn scaled_limit(limit: u64, share: f64) -> u64 {
     ((limit as f64 * share).ceil() as u64).max(1)
 }
 
-/// One replica's GCRA state, in memory: buckets in shards of plain hash
-/// maps, each behind its own lock, hashed by the bucket id's random bits.
-/// A check takes one lock and allocates only its answer's window list.
+/// One replica's GCRA state, in memory: a cell per bucket, found through
+/// shards of plain hash maps, each behind its own lock, hashed by the
+/// bucket id's random bits. A cache entry keeps its bucket's cell (see
+/// [`BucketRef`]), so a cache hit locks only that cell: no shard lock, no
+/// map lookup, no allocation.
 #[derive(Clone)]
 struct Local {
     shards: Arc<[Mutex<Buckets>]>,
@@ -239,8 +250,37 @@ struct Local {
 
 const SHARDS: usize = 64;
 
-/// One shard: each bucket's windows.
-type Buckets = HashMap<KeyId, Vec<Slot>, IdHash>;
+/// One shard: each bucket's cell.
+type Buckets = HashMap<KeyId, Arc<BucketCell>, IdHash>;
+
+/// Windows kept inline in a cell and in a decision (more spill to the heap).
+const INLINE_WINDOWS: usize = 2;
+
+/// Window states, in the key's window order.
+pub type Windows = SmallVec<[WindowState; INLINE_WINDOWS]>;
+
+/// A bucket's state on this replica, shared by the cache entries of every
+/// key on the bucket (rotated keys share their predecessor's).
+#[derive(Debug, Default)]
+pub struct BucketCell {
+    state: Mutex<CellState>,
+}
+
+#[derive(Debug, Default)]
+struct CellState {
+    /// The limits the slots were last checked against: the same `Arc` (a
+    /// pointer compare) needs no comparison of windows. Held, so that its
+    /// address cannot be reused by other limits.
+    checked_for: Option<Arc<Limits>>,
+    slots: SmallVec<[Slot; INLINE_WINDOWS]>,
+    /// Dropped from its shard to make room: whoever holds it looks again.
+    evicted: bool,
+}
+
+/// A cache entry's hold on its bucket's cell; empty until its first
+/// limited check on the local backend.
+#[derive(Debug, Default)]
+pub struct BucketRef(ArcSwapOption<BucketCell>);
 
 /// Hashes a UUID v7 by its last eight bytes, which are random: no need to
 /// pay for SipHash on ids nobody outside chooses.
@@ -292,53 +332,124 @@ impl Local {
 
     /// Makes room in a full shard: drops the buckets whose every window is
     /// full again (their state is what a new bucket starts with), and if
-    /// none is, the one closest to full (the least it can forgive).
+    /// none is, the one closest to full (the least it can forgive). A
+    /// dropped cell is marked, so that an entry holding it looks again.
     fn make_room(buckets: &mut Buckets, now: u64) {
+        let latest = |cell: &BucketCell| {
+            lock(&cell.state)
+                .slots
+                .iter()
+                .map(|s| s.tat)
+                .max()
+                .unwrap_or(0)
+        };
         let before = buckets.len();
-        buckets.retain(|_, slots| slots.iter().any(|s| s.tat > now));
+        buckets.retain(|_, cell| {
+            let keep = latest(cell) > now;
+            if !keep {
+                lock(&cell.state).evicted = true;
+            }
+            keep
+        });
         if buckets.len() == before
             && let Some(id) = buckets
                 .iter()
-                .min_by_key(|(_, slots)| slots.iter().map(|s| s.tat).max().unwrap_or(0))
+                .min_by_key(|(_, cell)| latest(cell))
                 .map(|(id, _)| *id)
+            && let Some(cell) = buckets.remove(&id)
         {
-            buckets.remove(&id);
+            lock(&cell.state).evicted = true;
         }
     }
 
-    /// Allocates only the answer's list of windows (and, on a key's first
-    /// use or a change of its windows, the bucket's slots).
-    fn check(&self, limits: &Limits, cost: u64, at: Instant) -> RateDecision {
-        let now = nanos(at.saturating_duration_since(self.origin));
-        let share = self.share;
-        let mut shard = self.shards[shard_of(&limits.bucket)]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if shard.len() >= self.shard_capacity && !shard.contains_key(&limits.bucket) {
+    /// The bucket's cell, from its shard (made if it has none).
+    fn cell(&self, bucket: &KeyId, now: u64) -> Arc<BucketCell> {
+        let mut shard = lock(&self.shards[shard_of(bucket)]);
+        if let Some(cell) = shard.get(bucket) {
+            return cell.clone();
+        }
+        if shard.len() >= self.shard_capacity {
             Self::make_room(&mut shard, now);
         }
-        let slots = shard.entry(limits.bucket).or_default();
-        let current = slots.len() == limits.windows.len()
-            && slots
-                .iter()
-                .zip(limits.windows.iter())
-                .all(|(s, w)| s.counts_for(w, share));
-        if !current {
-            let rebuilt = limits
-                .windows
-                .iter()
-                .map(|w| {
-                    let mut slot = Slot::new(w, share);
-                    slot.tat = slots
-                        .iter()
-                        .find(|s| s.counts_for(w, share))
-                        .map_or(0, |s| s.tat);
-                    slot
-                })
-                .collect();
-            *slots = rebuilt;
+        shard.entry(*bucket).or_default().clone()
+    }
+
+    /// Allocates nothing for up to [`INLINE_WINDOWS`] windows once the
+    /// bucket has its cell and the entry holds it (on a key's first use,
+    /// or a change of its windows, the bucket's slots are built).
+    fn check(
+        &self,
+        limits: &Arc<Limits>,
+        cost: u64,
+        at: Instant,
+        held: Option<&BucketRef>,
+    ) -> RateDecision {
+        let now = nanos(at.saturating_duration_since(self.origin));
+        loop {
+            let guard = held.map(|h| h.0.load());
+            let fetched;
+            let cell = match guard.as_ref().and_then(|g| g.as_deref()) {
+                Some(cell) => cell,
+                None => {
+                    fetched = self.cell(&limits.bucket, now);
+                    if let Some(h) = held {
+                        h.0.store(Some(fetched.clone()));
+                    }
+                    &*fetched
+                }
+            };
+            let mut state = lock(&cell.state);
+            if state.evicted {
+                drop(state);
+                // Look again in the shard: a new cell (what a dropped bucket
+                // forgot, it forgives).
+                if let Some(h) = held {
+                    h.0.store(None);
+                }
+                continue;
+            }
+            return self.step(&mut state, limits, cost, now);
         }
-        let slots = &mut *slots;
+    }
+
+    fn step(
+        &self,
+        state: &mut CellState,
+        limits: &Arc<Limits>,
+        cost: u64,
+        now: u64,
+    ) -> RateDecision {
+        let share = self.share;
+        let same = state
+            .checked_for
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(l, limits));
+        if !same {
+            let current = state.slots.len() == limits.windows.len()
+                && state
+                    .slots
+                    .iter()
+                    .zip(limits.windows.iter())
+                    .all(|(s, w)| s.counts_for(w, share));
+            if !current {
+                let rebuilt = limits
+                    .windows
+                    .iter()
+                    .map(|w| {
+                        let mut slot = Slot::new(w, share);
+                        slot.tat = state
+                            .slots
+                            .iter()
+                            .find(|s| s.counts_for(w, share))
+                            .map_or(0, |s| s.tat);
+                        slot
+                    })
+                    .collect();
+                state.slots = rebuilt;
+            }
+            state.checked_for = Some(limits.clone());
+        }
+        let slots = &mut state.slots;
         let mut allowed = true;
         let mut retry = 0;
         for slot in slots.iter() {
@@ -348,7 +459,7 @@ impl Local {
                 retry = retry.max(wait);
             }
         }
-        let mut windows = Vec::with_capacity(slots.len());
+        let mut windows = Windows::new();
         for slot in slots.iter_mut() {
             if allowed {
                 let (next, state, _) = slot.step(now, cost);
@@ -364,6 +475,10 @@ impl Local {
             windows,
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The same GCRA in Redis, over every window of a key at once, on Redis's
@@ -497,9 +612,13 @@ impl Redis {
 mod tests {
     use super::*;
 
-    fn limits(windows: &[(&str, u64, u64)]) -> Limits {
+    fn limits(windows: &[(&str, u64, u64)]) -> Arc<Limits> {
+        Arc::new(limits_on(KeyId::new_v7(), windows))
+    }
+
+    fn limits_on(bucket: KeyId, windows: &[(&str, u64, u64)]) -> Limits {
         Limits::new(
-            KeyId::new_v7(),
+            bucket,
             windows
                 .iter()
                 .map(|(n, l, w)| RateLimit::new(n, *l, Duration::from_secs(*w)).unwrap())
@@ -515,19 +634,27 @@ mod tests {
         let l = limits(&[("burst", 10, 10)]);
         let t0 = Instant::now();
         for i in 0..10 {
-            let d = local.check(&l, 1, t0);
+            let d = local.check(&l, 1, t0, None);
             assert!(d.allowed, "use {i}");
             assert_eq!(d.windows[0].remaining, 9 - i);
         }
-        let refused = local.check(&l, 1, t0);
+        let refused = local.check(&l, 1, t0, None);
         assert!(!refused.allowed);
         assert!(
             refused.retry_after <= Duration::from_secs(1)
                 && refused.retry_after > Duration::from_millis(900)
         );
         // One use comes back every second.
-        assert!(local.check(&l, 1, t0 + Duration::from_millis(1001)).allowed);
-        assert!(!local.check(&l, 1, t0 + Duration::from_millis(1002)).allowed);
+        assert!(
+            local
+                .check(&l, 1, t0 + Duration::from_millis(1001), None)
+                .allowed
+        );
+        assert!(
+            !local
+                .check(&l, 1, t0 + Duration::from_millis(1002), None)
+                .allowed
+        );
     }
 
     #[test]
@@ -536,9 +663,9 @@ mod tests {
         let l = limits(&[("burst", 100, 1), ("daily", 3, 86_400)]);
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert!(local.check(&l, 1, t0).allowed);
+            assert!(local.check(&l, 1, t0, None).allowed);
         }
-        let refused = local.check(&l, 1, t0);
+        let refused = local.check(&l, 1, t0, None);
         assert!(!refused.allowed);
         // The refused use left the burst window alone.
         assert_eq!(refused.windows[0].remaining, 97);
@@ -550,7 +677,9 @@ mod tests {
         let local = Local::new(0.5);
         let l = limits(&[("burst", 10, 10)]);
         let t0 = Instant::now();
-        let allowed = (0..20).filter(|_| local.check(&l, 1, t0).allowed).count();
+        let allowed = (0..20)
+            .filter(|_| local.check(&l, 1, t0, None).allowed)
+            .count();
         assert_eq!(allowed, 5);
     }
 
@@ -559,9 +688,9 @@ mod tests {
         let local = Local::new(1.0);
         let l = limits(&[("burst", 10, 10)]);
         let t0 = Instant::now();
-        assert!(local.check(&l, 7, t0).allowed);
-        assert!(!local.check(&l, 4, t0).allowed);
-        assert!(local.check(&l, 3, t0).allowed);
+        assert!(local.check(&l, 7, t0, None).allowed);
+        assert!(!local.check(&l, 4, t0, None).allowed);
+        assert!(local.check(&l, 3, t0, None).allowed);
     }
 
     #[test]
@@ -577,19 +706,88 @@ mod tests {
                 same_shard.push(l);
             }
         }
-        let [busy, idle, third, fourth] = <[Limits; 4]>::try_from(same_shard).ok().unwrap();
-        assert!(local.check(&busy, 2, t0).allowed);
-        assert!(local.check(&idle, 1, t0).allowed);
+        let [busy, idle, third, fourth] = <[Arc<Limits>; 4]>::try_from(same_shard).ok().unwrap();
+        assert!(local.check(&busy, 2, t0, None).allowed);
+        assert!(local.check(&idle, 1, t0, None).allowed);
         // Ten seconds on, `idle` is full again, `busy` is not (it spent 2 of
         // 2, refilling one every 5 s, and spends again).
         let later = t0 + Duration::from_secs(10);
-        assert!(local.check(&busy, 2, later).allowed);
-        assert!(local.check(&third, 1, later).allowed);
+        assert!(local.check(&busy, 2, later, None).allowed);
+        assert!(local.check(&third, 1, later, None).allowed);
         // `busy` kept its state: it has nothing left.
-        assert!(!local.check(&busy, 1, later).allowed);
+        assert!(!local.check(&busy, 1, later, None).allowed);
         // With no bucket full again, the one closest to full goes.
-        assert!(local.check(&fourth, 1, later).allowed);
-        assert!(local.shards[0].lock().unwrap().len() <= 2);
-        assert!(!local.check(&busy, 1, later).allowed);
+        assert!(local.check(&fourth, 1, later, None).allowed);
+        assert!(lock(&local.shards[0]).len() <= 2);
+        assert!(!local.check(&busy, 1, later, None).allowed);
+    }
+
+    #[test]
+    fn the_keys_of_one_bucket_share_its_cell_through_their_entries() {
+        let local = Local::new(1.0);
+        let bucket = KeyId::new_v7();
+        // A rotated key and its successor: two entries, two reads of the
+        // same limits, one bucket.
+        let old = Arc::new(limits_on(bucket, &[("burst", 4, 10)]));
+        let new = Arc::new(limits_on(bucket, &[("burst", 4, 10)]));
+        let (old_ref, new_ref) = (BucketRef::default(), BucketRef::default());
+        let t0 = Instant::now();
+        let mut allowed = 0;
+        for i in 0..8 {
+            let (l, r) = if i % 2 == 0 {
+                (&old, &old_ref)
+            } else {
+                (&new, &new_ref)
+            };
+            allowed += usize::from(local.check(l, 1, t0, Some(r)).allowed);
+        }
+        assert_eq!(allowed, 4);
+        let (a, b) = (
+            old_ref.0.load_full().unwrap(),
+            new_ref.0.load_full().unwrap(),
+        );
+        assert!(Arc::ptr_eq(&a, &b));
+        // A change of the windows seen through one entry resets only what
+        // changed, for both.
+        let wider = Arc::new(limits_on(
+            bucket,
+            &[("burst", 4, 10), ("daily", 100, 86_400)],
+        ));
+        let d = local.check(&wider, 1, t0, Some(&new_ref));
+        assert!(!d.allowed, "the burst window kept its state");
+        assert_eq!(d.windows.len(), 2);
+        assert_eq!(d.windows[1].remaining, 100);
+    }
+
+    #[test]
+    fn an_entry_holding_a_dropped_cell_looks_again() {
+        let mut local = Local::new(1.0);
+        local.shard_capacity = 1;
+        let t0 = Instant::now();
+        let mut same_shard = Vec::new();
+        while same_shard.len() < 2 {
+            let l = limits(&[("burst", 2, 10)]);
+            if shard_of(&l.bucket) == 0 {
+                same_shard.push(l);
+            }
+        }
+        let (first, second) = (&same_shard[0], &same_shard[1]);
+        let (first_ref, sibling_ref) = (BucketRef::default(), BucketRef::default());
+        assert!(local.check(first, 2, t0, Some(&first_ref)).allowed);
+        // Ten seconds on, `first` is full again: `second` takes its place.
+        let later = t0 + Duration::from_secs(10);
+        assert!(local.check(second, 1, later, None).allowed);
+        let dropped = first_ref.0.load_full().unwrap();
+        assert!(lock(&dropped.state).evicted);
+        // The entry still holding the dropped cell and a sibling entry that
+        // never held one end up on the same new cell, and count together.
+        assert!(local.check(first, 1, later, Some(&first_ref)).allowed);
+        assert!(local.check(first, 1, later, Some(&sibling_ref)).allowed);
+        assert!(!local.check(first, 1, later, Some(&first_ref)).allowed);
+        let (a, b) = (
+            first_ref.0.load_full().unwrap(),
+            sibling_ref.0.load_full().unwrap(),
+        );
+        assert!(Arc::ptr_eq(&a, &b) && !Arc::ptr_eq(&a, &dropped));
     }
 }

@@ -43,7 +43,7 @@ use moka::sync::Cache;
 
 use crate::{
     key::{Grant, KeyHash, KeyId, OwnerId},
-    limits::rate::BucketRef,
+    limits::rate::{BucketCell, BucketRef},
     usage::{KeyUsage, Used},
 };
 
@@ -107,7 +107,12 @@ impl CachedKey {
                     .iter()
                     .map(|s| s.as_str().len() + 1)
                     .sum::<usize>());
-        let bytes = std::mem::size_of::<Self>() + grant.heap_bytes() + 100 + answer;
+        // Limits: their own bytes, the policy header again in the answer,
+        // and the bucket's cell the entry may come to hold.
+        let limits = grant.limits.as_deref().map_or(0, |l| {
+            l.heap_bytes() + l.policy_header.len() + 40 + BucketCell::bytes(l.windows.len())
+        });
+        let bytes = std::mem::size_of::<Self>() + grant.heap_bytes() + 100 + answer + limits;
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 }

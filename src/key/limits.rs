@@ -199,6 +199,18 @@ impl Limits {
         })
     }
 
+    /// What these limits hold, their own struct included.
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self
+                .windows
+                .iter()
+                .map(|w| std::mem::size_of::<RateLimit>() + w.name.len())
+                .sum::<usize>()
+            + self.policy_header.len()
+            + self.rate_prefixes.len()
+    }
+
     /// Window `i`'s part of the `RateLimit` header before its numbers:
     /// `"name";r=`, after `, ` from the second window on.
     pub fn rate_prefix(&self, i: usize) -> &str {

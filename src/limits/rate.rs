@@ -266,6 +266,18 @@ pub struct BucketCell {
     state: Mutex<CellState>,
 }
 
+impl BucketCell {
+    /// What a cell for `windows` windows holds, with its `Arc` and its
+    /// window names.
+    pub fn bytes(windows: usize) -> usize {
+        let spilled = if windows > INLINE_WINDOWS { windows } else { 0 };
+        2 * std::mem::size_of::<usize>()
+            + std::mem::size_of::<Self>()
+            + spilled * std::mem::size_of::<Slot>()
+            + windows * 16
+    }
+}
+
 #[derive(Debug, Default)]
 struct CellState {
     /// The limits the slots were last checked against: the same `Arc` (a

@@ -18,7 +18,7 @@
 //!   are stripped and every `x-keyward-*` header is set (overwriting what a
 //!   client sent) before the request goes upstream.
 
-use std::{collections::HashMap, fmt::Write as _, time::Instant};
+use std::{collections::HashMap, time::Instant};
 
 use bytes::{BufMut as _, BytesMut};
 use envoy_types::{
@@ -276,22 +276,14 @@ fn rate_limit_headers_of(
     report: &LimitReport,
     x_headers: bool,
 ) -> Vec<(&'static str, String)> {
-    if limits.windows.is_empty() || report.windows.len() != limits.windows.len() {
+    if limits.windows.is_empty() {
         return Vec::new();
     }
-    let mut current = String::new();
-    for (i, (w, state)) in limits.windows.iter().zip(&report.windows).enumerate() {
-        if i > 0 {
-            current.push_str(", ");
-        }
-        let _ = write!(
-            current,
-            "\"{}\";r={};t={}",
-            w.name(),
-            state.remaining,
-            reset_secs(state)
-        );
-    }
+    let Some(current) = rate_limit_value(limits, report) else {
+        return Vec::new();
+    };
+    // ASCII: window names are [A-Za-z0-9_-], the rest digits and signs.
+    let current = String::from_utf8_lossy(current.bytes()).into_owned();
     let mut headers = vec![
         ("ratelimit-policy", limits.policy_header.to_string()),
         ("ratelimit", current),
@@ -341,16 +333,9 @@ fn append_rate_limit_tail(
     report: &LimitReport,
     x_headers: bool,
 ) -> bool {
-    if report.windows.len() != limits.windows.len() || limits.windows.len() > MAX_WINDOWS {
+    let Some(value) = rate_limit_value(limits, report) else {
         return false;
-    }
-    let mut value = Line::default();
-    for (i, state) in report.windows.iter().enumerate() {
-        value.push(limits.rate_prefix(i).as_bytes());
-        value.push(itoa::Buffer::new().format(state.remaining).as_bytes());
-        value.push(b";t=");
-        value.push(itoa::Buffer::new().format(reset_secs(state)).as_bytes());
-    }
+    };
     let mut x = [
         itoa::Buffer::new(),
         itoa::Buffer::new(),
@@ -375,9 +360,6 @@ fn append_rate_limit_tail(
             c.format(state.reset.as_secs()).as_bytes(),
         );
         n = 4;
-    }
-    if value.overflowed {
-        return false;
     }
     let headers = &headers[..n];
     // HeaderValue {key = 1, value = 2}; HeaderValueOption {header = 1,
@@ -405,6 +387,22 @@ fn append_rate_limit_tail(
         out.put_u8(HeaderAppendAction::OverwriteIfExistsOrAdd as u8);
     }
     true
+}
+
+/// The `RateLimit` header's value, each window's `"name";r=N;t=S` from the
+/// key's prebuilt parts. `None`: the report does not fit the limits.
+fn rate_limit_value(limits: &Limits, report: &LimitReport) -> Option<Line> {
+    if report.windows.len() != limits.windows.len() || limits.windows.len() > MAX_WINDOWS {
+        return None;
+    }
+    let mut value = Line::default();
+    for (i, state) in report.windows.iter().enumerate() {
+        value.push(limits.rate_prefix(i).as_bytes());
+        value.push(itoa::Buffer::new().format(state.remaining).as_bytes());
+        value.push(b";t=");
+        value.push(itoa::Buffer::new().format(reset_secs(state)).as_bytes());
+    }
+    (!value.overflowed).then_some(value)
 }
 
 /// A header value built on the stack.

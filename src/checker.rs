@@ -35,6 +35,7 @@ use crate::{
     metrics::{FrontDoors, Histogram, SLOW_BUCKETS},
     policy::{self, Decision, Reason},
     store::{Store, StoreError},
+    sync::lock,
     throttle::{Source, SourceThrottle, ThrottleSettings},
     usage::{UsageRecorder, UsageStats},
 };
@@ -746,11 +747,6 @@ impl Checker {
     pub fn credits(&self) -> &CreditBook {
         &self.inner.credits
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain data; a panic elsewhere cannot leave it inconsistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A token bucket: `rate` per second, up to `burst` at once.

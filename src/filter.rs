@@ -26,6 +26,7 @@ use fastbloom::AtomicBloomFilter;
 use crate::{
     key::KeyHash,
     store::{Store, StoreError},
+    sync::lock,
 };
 
 /// False positives per lookup of an unknown key, when the filter holds as
@@ -163,11 +164,6 @@ impl KeyFilter {
 
 fn sized_for(keys: u64) -> u64 {
     ((keys as f64 * HEADROOM) as u64).max(MIN_CAPACITY)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain data; a panic elsewhere cannot leave it inconsistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

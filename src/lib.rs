@@ -45,6 +45,7 @@ pub mod pb;
 pub mod policy;
 pub mod startup;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
 pub mod throttle;
 pub mod tls;

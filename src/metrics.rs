@@ -24,7 +24,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{policy::Reason, startup::ReplicaHandle};
+use crate::{policy::Reason, startup::ReplicaHandle, sync::lock};
 
 /// Check latency buckets, in nanoseconds: 25 µs to 1 s.
 pub const CHECK_BUCKETS: &[u64] = &[
@@ -254,13 +254,13 @@ pub struct AdminCalls {
 
 impl AdminCalls {
     pub fn record(&self, method: &'static str, code: tonic::Code) {
-        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let mut calls = lock(&self.calls);
         *calls.entry((method, code as i32)).or_default() += 1;
     }
 
     /// Calls of `method` (`keyward.v1.KeyService/Mint`) answered with `code`.
     pub fn count(&self, method: &str, code: tonic::Code) -> u64 {
-        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let calls = lock(&self.calls);
         calls
             .iter()
             .filter(|((m, c), _)| *m == method && *c == code as i32)
@@ -269,7 +269,7 @@ impl AdminCalls {
     }
 
     fn snapshot(&self) -> Vec<((&'static str, i32), u64)> {
-        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let calls = lock(&self.calls);
         calls.iter().map(|(k, v)| (*k, *v)).collect()
     }
 }

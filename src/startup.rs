@@ -55,6 +55,7 @@ use crate::{
         owner_service_server::OwnerServiceServer,
     },
     store::{Actor, DbOptions, Store, StoreError},
+    sync::lock,
     throttle::ThrottleSettings,
     tls::{TlsAcceptor, TlsError, TlsFiles},
     usage::{self, UsageRecorder},
@@ -270,13 +271,13 @@ struct Tasks {
 
 impl Tasks {
     fn set(&self, name: &'static str, handle: AbortHandle) {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut running = lock(&self.running);
         running.retain(|(n, _)| *n != name);
         running.push((name, handle));
     }
 
     fn kill(&self, name: &str) -> bool {
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let running = lock(&self.running);
         running
             .iter()
             .find(|(n, _)| *n == name)

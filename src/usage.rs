@@ -13,7 +13,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 
-use crate::{key::KeyId, store::UsageWrite};
+use crate::{key::KeyId, store::UsageWrite, sync::lock};
 
 /// Uses of one cached key not yet written. Lives inside the cache entry.
 #[derive(Debug, Default)]
@@ -129,7 +129,7 @@ impl UsageRecorder {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<dyn Used>>> {
         // The queue holds plain data; a panic elsewhere cannot break it.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.queue)
     }
 }
 

@@ -25,6 +25,7 @@ use chrono::{DateTime, Utc};
 use crate::{
     key::{KeyId, RefillInterval},
     store::{Store, StoreError, Unspent},
+    sync::lock,
 };
 
 /// How long a spent bucket is taken at its word.
@@ -85,7 +86,7 @@ impl CreditBook {
     }
 
     fn block(&self, bucket: KeyId) -> Arc<tokio::sync::Mutex<Block>> {
-        let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut blocks = lock(&self.blocks);
         blocks.entry(bucket).or_default().clone()
     }
 
@@ -161,7 +162,7 @@ impl CreditBook {
     /// An admin set the bucket's credits anew: what this replica reserved
     /// is void.
     pub fn forget(&self, bucket: &KeyId) {
-        let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut blocks = lock(&self.blocks);
         blocks.remove(bucket);
     }
 
@@ -170,7 +171,7 @@ impl CreditBook {
     pub async fn give_back(&self, idle: Duration) -> Result<usize, StoreError> {
         let now = Instant::now();
         let candidates: Vec<(KeyId, Arc<tokio::sync::Mutex<Block>>)> = {
-            let blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+            let blocks = lock(&self.blocks);
             blocks.iter().map(|(k, b)| (*k, b.clone())).collect()
         };
         let mut unspent = Vec::new();

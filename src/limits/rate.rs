@@ -29,7 +29,10 @@ use redis::aio::ConnectionManager;
 use smallvec::SmallVec;
 
 use super::WindowState;
-use crate::key::{KeyId, Limits, RateLimit};
+use crate::{
+    key::{KeyId, Limits, RateLimit},
+    sync::lock,
+};
 
 /// Buckets with state held at most per replica (about 100 bytes each).
 const MAX_BUCKETS: u64 = 1_000_000;
@@ -487,10 +490,6 @@ impl Local {
             windows,
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The same GCRA in Redis, over every window of a key at once, on Redis's

@@ -150,12 +150,10 @@ impl EnvoyApi {
                     .encode_to_vec()
                     .into()
             });
-            let (Some(limits), Some(report)) = (outcome.declared_limits(), &outcome.limits) else {
+            let limits = outcome.declared_limits().filter(|l| !l.windows.is_empty());
+            let (Some(limits), Some(report)) = (limits, &outcome.limits) else {
                 return Answer::Encoded(encoded.clone());
             };
-            if limits.windows.is_empty() {
-                return Answer::Encoded(encoded.clone());
-            }
             let mut both = BytesMut::with_capacity(encoded.len() + TAIL_ROOM);
             both.extend_from_slice(encoded);
             if append_rate_limit_tail(&mut both, limits, report, self.options.x_ratelimit_headers) {

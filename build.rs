@@ -15,9 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     println!("cargo:rerun-if-changed=proto");
     git_sha();
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    embed_migrations(&out_dir)?;
 
     let fds = protox::compile(protos, ["proto"])?;
-    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out_dir.join("keyward_descriptor.bin"), fds.encode_to_vec())?;
     // Envoy's ext_authz service, for reflection only (see proto/vendor).
     let envoy = protox::compile(
@@ -39,6 +40,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyward.v1.ReportRequest",
         ])
         .compile_fds(fds)?;
+    Ok(())
+}
+
+/// The migrations, embedded: `migrations.rs` lists each file of
+/// `migrations/` as `(version, description, include_str!(its path))`,
+/// named as sqlx names them (`<version>_<description>.sql`, `_` read as a
+/// space), for `store::migrator`. What `sqlx::migrate!` would embed,
+/// without building sqlx's macros and the database driver they carry
+/// (a unit test compares the two).
+fn embed_migrations(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=migrations");
+    let dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("migrations");
+    let mut found = Vec::new();
+    for entry in fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some((version, rest)) = name.split_once('_') else {
+            continue;
+        };
+        let Some(description) = rest.strip_suffix(".sql") else {
+            continue;
+        };
+        if description.ends_with(".up") || description.ends_with(".down") {
+            return Err(
+                format!("migrations/{name}: reversible migrations are not supported").into(),
+            );
+        }
+        let version: i64 = version
+            .parse()
+            .map_err(|_| format!("migrations/{name}: the name must start with a number"))?;
+        found.push((version, description.replace('_', " "), path));
+    }
+    found.sort_by_key(|(version, ..)| *version);
+    let mut list = String::from("&[\n");
+    for (version, description, path) in &found {
+        list.push_str(&format!(
+            "    ({version}, {description:?}, include_str!({:?})),\n",
+            path.display().to_string()
+        ));
+    }
+    list.push_str("]\n");
+    fs::write(out_dir.join("migrations.rs"), list)?;
     Ok(())
 }
 

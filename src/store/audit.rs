@@ -46,17 +46,18 @@ pub struct AuditPage {
     pub next: Option<i64>,
 }
 
-#[derive(sqlx::FromRow)]
-struct AuditRow {
-    id: i64,
-    at: DateTime<Utc>,
-    actor: String,
-    actor_key_id: Option<Uuid>,
-    action: String,
-    key_id: Option<Uuid>,
-    owner_id: Option<String>,
-    remote_addr: Option<IpNet>,
-    details: Json<serde_json::Value>,
+pg_row! {
+    struct AuditRow {
+        id: i64,
+        at: DateTime<Utc>,
+        actor: String,
+        actor_key_id: Option<Uuid>,
+        action: String,
+        key_id: Option<Uuid>,
+        owner_id: Option<String>,
+        remote_addr: Option<IpNet>,
+        details: Json<serde_json::Value>,
+    }
 }
 
 impl Store {

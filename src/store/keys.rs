@@ -157,43 +157,44 @@ pub struct Rotation {
     pub new: KeyRecord,
 }
 
-#[derive(sqlx::FromRow)]
-struct KeyRow {
-    #[sqlx(flatten)]
-    grant: GrantRow,
-    hash: Vec<u8>,
-    prefix: String,
-    start: String,
-    name: String,
-    description: String,
-    created_at: DateTime<Utc>,
-    revoked_reason: Option<String>,
-    last_used_at: Option<DateTime<Utc>>,
-    rotated_from: Option<Uuid>,
-    replaced_by: Option<Uuid>,
-    disabled_by_admin: bool,
-    credits_remaining: Option<i64>,
-    credits_refill_interval: Option<String>,
-    credits_refill_amount: Option<i64>,
+pg_row! {
+    struct KeyRow {
+        #[flatten] grant: GrantRow,
+        hash: Vec<u8>,
+        prefix: String,
+        start: String,
+        name: String,
+        description: String,
+        created_at: DateTime<Utc>,
+        revoked_reason: Option<String>,
+        last_used_at: Option<DateTime<Utc>>,
+        rotated_from: Option<Uuid>,
+        replaced_by: Option<Uuid>,
+        disabled_by_admin: bool,
+        credits_remaining: Option<i64>,
+        credits_refill_interval: Option<String>,
+        credits_refill_amount: Option<i64>,
+    }
 }
 
-#[derive(sqlx::FromRow)]
-struct GrantRow {
-    id: Uuid,
-    owner_id: String,
-    scopes: Vec<String>,
-    resources: Vec<String>,
-    ip_allow: Vec<IpNet>,
-    metadata: Json<BTreeMap<String, String>>,
-    expires_at: Option<DateTime<Utc>>,
-    disabled_at: Option<DateTime<Utc>>,
-    revoked_at: Option<DateTime<Utc>>,
-    canary: bool,
-    owner_active: Option<bool>,
-    bucket_id: Uuid,
-    rate_limits: Option<Json<Vec<RateLimit>>>,
-    has_credits: bool,
-    owner_rate_limits: Option<Json<Vec<RateLimit>>>,
+pg_row! {
+    struct GrantRow {
+        id: Uuid,
+        owner_id: String,
+        scopes: Vec<String>,
+        resources: Vec<String>,
+        ip_allow: Vec<IpNet>,
+        metadata: Json<BTreeMap<String, String>>,
+        expires_at: Option<DateTime<Utc>>,
+        disabled_at: Option<DateTime<Utc>>,
+        revoked_at: Option<DateTime<Utc>>,
+        canary: bool,
+        owner_active: Option<bool>,
+        bucket_id: Uuid,
+        rate_limits: Option<Json<Vec<RateLimit>>>,
+        has_credits: bool,
+        owner_rate_limits: Option<Json<Vec<RateLimit>>>,
+    }
 }
 
 impl GrantRow {

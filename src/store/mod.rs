@@ -1,6 +1,32 @@
 //! PostgreSQL persistence with sqlx. Only hashes of keys are stored. Every
 //! admin change writes its audit event in the same transaction.
 
+/// A row struct read by column name, one column per field (a field marked
+/// `#[flatten]` is a row struct read from the same row): what
+/// `#[derive(sqlx::FromRow)]` writes, without building sqlx's macros.
+macro_rules! pg_row {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $(#[flatten] $flat:ident: $flat_ty:ty,)*
+            $($field:ident: $ty:ty),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        $vis struct $name { $($flat: $flat_ty,)* $($field: $ty),* }
+
+        impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for $name {
+            fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+                use sqlx::Row as _;
+                Ok(Self {
+                    $($flat: <$flat_ty as sqlx::FromRow<'r, sqlx::postgres::PgRow>>::from_row(row)?,)*
+                    $($field: row.try_get(stringify!($field))?),*
+                })
+            }
+        }
+    };
+}
+
 mod audit;
 mod credits;
 mod error;
@@ -20,8 +46,8 @@ use std::{
 };
 
 use sqlx::{
-    PgPool, Postgres,
-    migrate::MigrateDatabase as _,
+    PgPool, Postgres, SqlStr,
+    migrate::{MigrateDatabase as _, Migration, MigrationType, Migrator},
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
@@ -39,11 +65,27 @@ pub use usage::UsageWrite;
 /// indexes, triggers), so an older binary keeps working on a newer schema;
 /// refusing to start would turn every rollback across a migration into an
 /// outage.
-fn migrator() -> sqlx::migrate::Migrator {
-    let mut migrator = sqlx::migrate!("./migrations");
+fn migrator() -> Migrator {
+    let migrations = MIGRATIONS
+        .iter()
+        .map(|&(version, description, sql)| {
+            Migration::new(
+                version,
+                description.into(),
+                MigrationType::Simple,
+                SqlStr::from_static(sql),
+                sql.starts_with("-- no-transaction"),
+            )
+        })
+        .collect();
+    let mut migrator = Migrator::with_migrations(migrations);
     migrator.set_ignore_missing(true);
     migrator
 }
+
+/// `(version, description, SQL)` of each file in `migrations/`, in order
+/// (listed by build.rs).
+const MIGRATIONS: &[(i64, &str, &str)] = include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
 
 /// How to reach the database, and how long to wait for it.
 #[derive(Debug, Clone)]
@@ -534,5 +576,27 @@ mod tests {
         assert!(health.needs_ping(Duration::from_millis(4), keepalive));
         std::thread::sleep(Duration::from_millis(5));
         assert!(!health.needs_ping(Duration::from_millis(1), keepalive));
+    }
+
+    /// The embedded list is what sqlx's own resolver (the one behind
+    /// `sqlx::migrate!`) reads from `migrations/`: the same versions,
+    /// descriptions, checksums and transaction mode, so databases migrated
+    /// by either agree.
+    #[test]
+    fn embedded_migrations_are_what_sqlx_resolves_from_the_folder() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let resolved = sqlx::migrate::resolve_blocking(&dir).unwrap();
+        let embedded = migrator();
+        assert_eq!(embedded.migrations.len(), resolved.len());
+        assert!(!resolved.is_empty());
+        for (ours, (theirs, _)) in embedded.migrations.iter().zip(&resolved) {
+            assert_eq!(ours.version, theirs.version);
+            assert_eq!(ours.description, theirs.description);
+            assert_eq!(ours.migration_type, theirs.migration_type);
+            assert_eq!(ours.checksum, theirs.checksum, "{}", ours.version);
+            assert_eq!(ours.no_tx, theirs.no_tx);
+            assert_eq!(ours.sql.as_str(), theirs.sql.as_str());
+        }
+        assert!(embedded.ignore_missing);
     }
 }

@@ -18,19 +18,20 @@ macro_rules! owner_columns {
 }
 pub(super) use owner_columns;
 
-#[derive(sqlx::FromRow)]
-pub(super) struct OwnerRow {
-    id: String,
-    active: bool,
-    display_name: String,
-    state_reason: String,
-    metadata: Json<BTreeMap<String, String>>,
-    allowed_scopes: Option<Vec<String>>,
-    allowed_resources: Option<Vec<String>>,
-    max_keys: Option<i32>,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    default_rate_limits: Option<Json<Vec<RateLimit>>>,
+pg_row! {
+    pub(super) struct OwnerRow {
+        id: String,
+        active: bool,
+        display_name: String,
+        state_reason: String,
+        metadata: Json<BTreeMap<String, String>>,
+        allowed_scopes: Option<Vec<String>>,
+        allowed_resources: Option<Vec<String>>,
+        max_keys: Option<i32>,
+        created_at: DateTime<Utc>,
+        updated_at: DateTime<Utc>,
+        default_rate_limits: Option<Json<Vec<RateLimit>>>,
+    }
 }
 
 fn corrupt(id: &str, what: &str) -> StoreError {

@@ -227,7 +227,7 @@ fn rate_limit_local(bencher: Bencher) {
     let i = Cell::new(0);
     bencher.bench_local(|| {
         let (limits, held) = &limits[next(&i)];
-        let mut check = pin!(limiter.check(limits, 1, Some(held)));
+        let mut check = pin!(limiter.check(limits, 1, Some(held), std::time::Instant::now()));
         match check.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(decision) => {
                 assert!(decision.allowed);

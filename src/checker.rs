@@ -21,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
 use crate::{
@@ -47,6 +48,9 @@ pub struct Outcome {
     entry: Option<Arc<CachedKey>>,
     /// How the key's rate limits and credits stand, if it has any.
     pub limits: Option<LimitReport>,
+    /// When the key's policy was decided: the limits and the usage count
+    /// take the same reading of the clock.
+    decided_at: Option<DateTime<Utc>>,
 }
 
 impl Outcome {
@@ -66,6 +70,7 @@ impl Outcome {
             decision: Decision::new(reason),
             entry: None,
             limits: None,
+            decided_at: None,
         }
     }
 
@@ -74,6 +79,7 @@ impl Outcome {
             decision: Decision::source_blocked(retry_after),
             entry: None,
             limits: None,
+            decided_at: None,
         }
     }
 
@@ -432,7 +438,7 @@ impl Checker {
                 .as_ref()
                 .is_some_and(|e| e.grant.limits.is_some())
         {
-            outcome = self.enforce_limits(outcome, request).await?;
+            outcome = self.enforce_limits(outcome, request, now).await?;
         }
         if outcome.decision.is_failed_presentation() && self.inner.throttle.failed(source, now) {
             self.inner
@@ -630,26 +636,47 @@ impl Checker {
             decision,
             entry: Some(entry.clone()),
             limits: None,
+            decided_at: Some(now),
         }
     }
 
     /// Credits first (a refusal there spends no rate limit), then rate limits
     /// (a refusal there gives the credits back): a refused request counts
-    /// nowhere.
+    /// nowhere. `at`: when the check began.
     async fn enforce_limits(
         &self,
         mut outcome: Outcome,
         request: &policy::Request<'_>,
+        at: Instant,
     ) -> Result<Outcome, Undecided> {
-        let Some(entry) = outcome.entry.clone() else {
+        let Some(entry) = outcome.entry.as_ref() else {
             return Ok(outcome);
         };
-        let Some(limits) = entry.grant.limits.clone() else {
+        let Some(limits) = entry.grant.limits.as_ref() else {
             return Ok(outcome);
         };
+        let now = outcome.decided_at.unwrap_or_else(|| self.inner.clock.now());
+        let (refusal, report) = self
+            .apply_limits(entry, limits, request.cost.max(1), now, at)
+            .await?;
+        if let Some(refusal) = refusal {
+            outcome.decision = refusal;
+        }
+        outcome.limits = Some(report);
+        Ok(outcome)
+    }
+
+    /// Spends `cost` from the key's credits and windows: the refusal, if
+    /// any, and how they stand.
+    async fn apply_limits(
+        &self,
+        entry: &Arc<CachedKey>,
+        limits: &Arc<Limits>,
+        cost: u64,
+        now: DateTime<Utc>,
+        at: Instant,
+    ) -> Result<(Option<Decision>, LimitReport), Undecided> {
         let inner = &*self.inner;
-        let cost = request.cost.max(1);
-        let now = inner.clock.now();
         let mut report = LimitReport::default();
         if limits.credits {
             match inner.credits.spend(limits.bucket, cost, now).await {
@@ -657,9 +684,7 @@ impl Checker {
                 Err(NotSpent::Exhausted { next_refill }) => {
                     let retry = next_refill.and_then(|at| (at - now).to_std().ok());
                     report.credits_remaining = Some(0);
-                    outcome.decision = Decision::usage_exceeded(retry);
-                    outcome.limits = Some(report);
-                    return Ok(outcome);
+                    return Ok((Some(Decision::usage_exceeded(retry)), report));
                 }
                 Err(NotSpent::Store(err)) => {
                     self.log_failure(&err);
@@ -668,21 +693,18 @@ impl Checker {
             }
         }
         if !limits.windows.is_empty() {
-            let decision = inner.rate.check(&limits, cost, Some(&entry.rate)).await;
+            let decision = inner.rate.check(limits, cost, Some(&entry.rate), at).await;
             report.windows = decision.windows;
             if !decision.allowed {
                 if limits.credits {
                     inner.credits.refund(limits.bucket, cost).await;
                     report.credits_remaining = report.credits_remaining.map(|c| c + cost);
                 }
-                outcome.decision = Decision::rate_limited(decision.retry_after);
-                outcome.limits = Some(report);
-                return Ok(outcome);
+                return Ok((Some(Decision::rate_limited(decision.retry_after)), report));
             }
         }
-        inner.usage.record(&entry, now);
-        outcome.limits = Some(report);
-        Ok(outcome)
+        inner.usage.record(entry, now);
+        Ok((None, report))
     }
 
     /// A canary key was presented: a WARN line with where from and for what,

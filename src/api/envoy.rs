@@ -20,7 +20,7 @@
 
 use std::{collections::HashMap, time::Instant};
 
-use bytes::{BufMut as _, BytesMut};
+use bytes::{BufMut as _, Bytes, BytesMut};
 use envoy_types::{
     ext_authz::v3::{
         DeniedHttpResponseBuilder, OkHttpResponseBuilder,
@@ -35,6 +35,7 @@ use prost::{
     Message as _,
     encoding::{encode_varint, encoded_len_varint},
 };
+use smallvec::SmallVec;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
@@ -154,10 +155,10 @@ impl EnvoyApi {
             let (Some(limits), Some(report)) = (limits, &outcome.limits) else {
                 return Answer::Encoded(encoded.clone());
             };
-            let mut both = BytesMut::with_capacity(encoded.len() + TAIL_ROOM);
-            both.extend_from_slice(encoded);
-            if append_rate_limit_tail(&mut both, limits, report, self.options.x_ratelimit_headers) {
-                return Answer::Encoded(both.freeze());
+            if let Some(both) =
+                with_rate_limit_tail(encoded, limits, report, self.options.x_ratelimit_headers)
+            {
+                return Answer::Encoded(both);
             }
         }
         Answer::Message(Box::new(respond(outcome, &self.options, RateHeaders::All)))
@@ -260,7 +261,7 @@ fn strip_port(host: &str) -> &str {
 /// The RateLimit headers of an answer (draft-ietf-httpapi-ratelimit-headers):
 /// `RateLimit-Policy` (prebuilt per key) and `RateLimit` (this answer's),
 /// and on request the older X-RateLimit-* trio for the window closest to
-/// its limit. [`append_rate_limit_tail`] writes the same for an allow
+/// its limit. [`with_rate_limit_tail`] writes the same for an allow
 /// without building them.
 fn rate_limit_headers(outcome: &Outcome, x_headers: bool) -> Vec<(&'static str, String)> {
     match (outcome.declared_limits(), &outcome.limits) {
@@ -281,7 +282,7 @@ fn rate_limit_headers_of(
         return Vec::new();
     };
     // ASCII: window names are [A-Za-z0-9_-], the rest digits and signs.
-    let current = String::from_utf8_lossy(current.bytes()).into_owned();
+    let current = String::from_utf8_lossy(&current).into_owned();
     let mut headers = vec![
         ("ratelimit-policy", limits.policy_header.to_string()),
         ("ratelimit", current),
@@ -315,36 +316,25 @@ fn closest_to_limit<'a>(
         .min_by_key(|(w, state)| state.remaining.saturating_mul(1000) / w.limit().max(1))
 }
 
-/// Room for the tail of an allow with up to 8 windows' `RateLimit` and
-/// the X-RateLimit trio.
-const TAIL_ROOM: usize = 1024;
-
-/// Appends to an encoded allow a second `ok_response` holding only this
+/// An encoded allow followed by a second `ok_response` holding only this
 /// answer's `RateLimit` header (and, with `x_headers`, X-RateLimit-*),
 /// each set with OVERWRITE_IF_EXISTS_OR_ADD on the client's response:
 /// byte for byte what prost encodes for that message (tested), written
-/// from the key's prebuilt parts without an allocation of its own.
-/// `false`: the report does not fit the limits (nothing written).
-fn append_rate_limit_tail(
-    out: &mut BytesMut,
+/// from the key's prebuilt parts into one buffer of the exact size.
+/// `None`: the report does not fit the limits.
+fn with_rate_limit_tail(
+    allow: &[u8],
     limits: &Limits,
     report: &LimitReport,
     x_headers: bool,
-) -> bool {
-    let Some(value) = rate_limit_value(limits, report) else {
-        return false;
-    };
+) -> Option<Bytes> {
+    let value = rate_limit_value(limits, report)?;
     let mut x = [
         itoa::Buffer::new(),
         itoa::Buffer::new(),
         itoa::Buffer::new(),
     ];
-    let mut headers: [(&str, &[u8]); 4] = [
-        ("ratelimit", value.bytes()),
-        ("", &[]),
-        ("", &[]),
-        ("", &[]),
-    ];
+    let mut headers: [(&str, &[u8]); 4] = [("ratelimit", &value), ("", &[]), ("", &[]), ("", &[])];
     let mut n = 1;
     if x_headers && let Some((w, state)) = closest_to_limit(limits, report) {
         let [a, b, c] = &mut x;
@@ -367,7 +357,9 @@ fn append_rate_limit_tail(
     let header_len = |k: &str, v: &[u8]| field(k.len()) + field(v.len());
     let option_len = |k: &str, v: &[u8]| field(header_len(k, v)) + 2;
     let ok_len: usize = headers.iter().map(|(k, v)| field(option_len(k, v))).sum();
-    out.reserve(field(ok_len));
+    let mut buf = BytesMut::with_capacity(allow.len() + field(ok_len));
+    buf.put_slice(allow);
+    let out = &mut buf;
     out.put_u8(0x1a);
     encode_varint(ok_len as u64, out);
     for (k, v) in headers {
@@ -384,7 +376,7 @@ fn append_rate_limit_tail(
         out.put_u8(0x18);
         out.put_u8(HeaderAppendAction::OverwriteIfExistsOrAdd as u8);
     }
-    true
+    Some(buf.freeze())
 }
 
 /// The `RateLimit` header's value, each window's `"name";r=N;t=S` from the
@@ -393,48 +385,18 @@ fn rate_limit_value(limits: &Limits, report: &LimitReport) -> Option<Line> {
     if report.windows.len() != limits.windows.len() || limits.windows.len() > MAX_WINDOWS {
         return None;
     }
-    let mut value = Line::default();
+    let mut value = Line::new();
     for (i, state) in report.windows.iter().enumerate() {
-        value.push(limits.rate_prefix(i).as_bytes());
-        value.push(itoa::Buffer::new().format(state.remaining).as_bytes());
-        value.push(b";t=");
-        value.push(itoa::Buffer::new().format(reset_secs(state)).as_bytes());
+        value.extend_from_slice(limits.rate_prefix(i).as_bytes());
+        value.extend_from_slice(itoa::Buffer::new().format(state.remaining).as_bytes());
+        value.extend_from_slice(b";t=");
+        value.extend_from_slice(itoa::Buffer::new().format(reset_secs(state)).as_bytes());
     }
-    (!value.overflowed).then_some(value)
+    Some(value)
 }
 
-/// A header value built on the stack.
-struct Line {
-    buf: [u8; TAIL_ROOM],
-    len: usize,
-    overflowed: bool,
-}
-
-impl Default for Line {
-    fn default() -> Self {
-        Self {
-            buf: [0; TAIL_ROOM],
-            len: 0,
-            overflowed: false,
-        }
-    }
-}
-
-impl Line {
-    fn push(&mut self, bytes: &[u8]) {
-        match self.buf.get_mut(self.len..self.len + bytes.len()) {
-            Some(room) => {
-                room.copy_from_slice(bytes);
-                self.len += bytes.len();
-            }
-            None => self.overflowed = true,
-        }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
+/// A header value, built on the stack (unless it is long).
+type Line = SmallVec<[u8; 256]>;
 
 /// Headers added to the response Envoy sends the client.
 fn add_response_headers(ok: &mut OkHttpResponseBuilder, headers: Vec<(&'static str, String)>) {
@@ -632,10 +594,7 @@ mod tests {
     fn the_rate_limit_tail_is_what_prost_encodes_for_the_same_headers() {
         let (limits, report) = two_windows();
         for x_headers in [false, true] {
-            let mut tail = BytesMut::new();
-            assert!(append_rate_limit_tail(
-                &mut tail, &limits, &report, x_headers
-            ));
+            let tail = with_rate_limit_tail(&[], &limits, &report, x_headers).unwrap();
             let mut ok = OkHttpResponseBuilder::new();
             let mut headers = rate_limit_headers_of(&limits, &report, x_headers);
             headers.retain(|(name, _)| *name != "ratelimit-policy");
@@ -680,8 +639,7 @@ mod tests {
             http_response: Some(HttpResponse::OkResponse(ok.build())),
             dynamic_metadata: None,
         };
-        let mut both = BytesMut::from(&allow.encode_to_vec()[..]);
-        assert!(append_rate_limit_tail(&mut both, &limits, &report, false));
+        let both = with_rate_limit_tail(&allow.encode_to_vec(), &limits, &report, false).unwrap();
         let parsed = CheckResponse::decode(&both[..]).unwrap();
         let Some(HttpResponse::OkResponse(ok)) = parsed.http_response else {
             panic!("not an allow");
@@ -699,9 +657,7 @@ mod tests {
     fn a_report_that_does_not_fit_the_limits_writes_no_tail() {
         let (limits, mut report) = two_windows();
         report.windows.pop();
-        let mut tail = BytesMut::new();
-        assert!(!append_rate_limit_tail(&mut tail, &limits, &report, false));
-        assert!(tail.is_empty());
+        assert!(with_rate_limit_tail(b"allow", &limits, &report, false).is_none());
     }
 
     fn cred(authorization: Option<&str>, api_key: Option<&str>) -> Result<Option<String>, Reason> {

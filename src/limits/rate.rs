@@ -134,12 +134,14 @@ impl RateLimiter {
 
     /// Checks one use of `cost` against every window of `limits`, and
     /// counts it if all allow it. `held`: the cache entry's hold on the
-    /// bucket's local state, kept there on first use.
+    /// bucket's local state, kept there on first use. `at`: when the check
+    /// began (the local backend's clock; Redis counts on its own).
     pub async fn check(
         &self,
         limits: &Arc<Limits>,
         cost: u64,
         held: Option<&BucketRef>,
+        at: Instant,
     ) -> RateDecision {
         if let Some(redis) = &self.redis {
             // Boxed: the round trip's future would otherwise be part of
@@ -155,7 +157,7 @@ impl RateLimiter {
                 }
             }
         }
-        self.local.check(limits, cost, Instant::now(), held)
+        self.local.check(limits, cost, at, held)
     }
 
     /// One line every ten seconds at most: while Redis is down every

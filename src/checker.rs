@@ -438,7 +438,11 @@ impl Checker {
                 .as_ref()
                 .is_some_and(|e| e.grant.limits.is_some())
         {
-            outcome = self.enforce_limits(outcome, request, now).await?;
+            // Windows on the local backend are settled in place; credits
+            // and Redis may need a round trip.
+            if !self.limit_in_memory(&mut outcome, request, now) {
+                outcome = self.enforce_limits(outcome, request, now).await?;
+            }
         }
         if outcome.decision.is_failed_presentation() && self.inner.throttle.failed(source, now) {
             self.inner
@@ -664,6 +668,43 @@ impl Checker {
         }
         outcome.limits = Some(report);
         Ok(outcome)
+    }
+
+    /// [`enforce_limits`](Self::enforce_limits) for a key with rate limits
+    /// but no credits on the local backend: nothing to wait for, so the
+    /// outcome is changed where it is rather than moved through a future.
+    /// `false`: not such a key, nothing done.
+    fn limit_in_memory(
+        &self,
+        outcome: &mut Outcome,
+        request: &policy::Request<'_>,
+        at: Instant,
+    ) -> bool {
+        let Some(entry) = outcome.entry.as_ref() else {
+            return false;
+        };
+        let Some(limits) = entry.grant.limits.as_ref().filter(|l| !l.credits) else {
+            return false;
+        };
+        let inner = &*self.inner;
+        let cost = request.cost.max(1);
+        let Some(decision) = inner
+            .rate
+            .check_in_memory(limits, cost, Some(&entry.rate), at)
+        else {
+            return false;
+        };
+        if decision.allowed {
+            let now = outcome.decided_at.unwrap_or_else(|| inner.clock.now());
+            inner.usage.record(entry, now);
+        } else {
+            outcome.decision = Decision::rate_limited(decision.retry_after);
+        }
+        outcome.limits = Some(LimitReport {
+            windows: decision.windows,
+            credits_remaining: None,
+        });
+        true
     }
 
     /// Spends `cost` from the key's credits and windows: the refusal, if

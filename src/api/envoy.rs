@@ -155,10 +155,8 @@ impl EnvoyApi {
             let (Some(limits), Some(report)) = (limits, &outcome.limits) else {
                 return Answer::Encoded(encoded.clone());
             };
-            if let Some(both) =
-                with_rate_limit_tail(encoded, limits, report, self.options.x_ratelimit_headers)
-            {
-                return Answer::Encoded(both);
+            if let Some(tail) = rate_limit_tail(limits, report, self.options.x_ratelimit_headers) {
+                return Answer::Tailed(encoded.clone(), tail);
             }
         }
         Answer::Message(Box::new(respond(outcome, &self.options, RateHeaders::All)))
@@ -261,7 +259,7 @@ fn strip_port(host: &str) -> &str {
 /// The RateLimit headers of an answer (draft-ietf-httpapi-ratelimit-headers):
 /// `RateLimit-Policy` (prebuilt per key) and `RateLimit` (this answer's),
 /// and on request the older X-RateLimit-* trio for the window closest to
-/// its limit. [`with_rate_limit_tail`] writes the same for an allow
+/// its limit. [`rate_limit_tail`] writes the same for an allow
 /// without building them.
 fn rate_limit_headers(outcome: &Outcome, x_headers: bool) -> Vec<(&'static str, String)> {
     match (outcome.declared_limits(), &outcome.limits) {
@@ -278,9 +276,10 @@ fn rate_limit_headers_of(
     if limits.windows.is_empty() {
         return Vec::new();
     }
-    let Some(current) = rate_limit_value(limits, report) else {
+    let mut current = Line::new();
+    if rate_limit_value(limits, report, &mut current).is_none() {
         return Vec::new();
-    };
+    }
     // ASCII: window names are [A-Za-z0-9_-], the rest digits and signs.
     let current = String::from_utf8_lossy(&current).into_owned();
     let mut headers = vec![
@@ -316,19 +315,15 @@ fn closest_to_limit<'a>(
         .min_by_key(|(w, state)| state.remaining.saturating_mul(1000) / w.limit().max(1))
 }
 
-/// An encoded allow followed by a second `ok_response` holding only this
+/// What follows an encoded allow: a second `ok_response` holding only this
 /// answer's `RateLimit` header (and, with `x_headers`, X-RateLimit-*),
 /// each set with OVERWRITE_IF_EXISTS_OR_ADD on the client's response:
 /// byte for byte what prost encodes for that message (tested), written
-/// from the key's prebuilt parts into one buffer of the exact size.
+/// from the key's prebuilt parts into a buffer of its exact size.
 /// `None`: the report does not fit the limits.
-fn with_rate_limit_tail(
-    allow: &[u8],
-    limits: &Limits,
-    report: &LimitReport,
-    x_headers: bool,
-) -> Option<Bytes> {
-    let value = rate_limit_value(limits, report)?;
+fn rate_limit_tail(limits: &Limits, report: &LimitReport, x_headers: bool) -> Option<Bytes> {
+    let mut value = Line::new();
+    rate_limit_value(limits, report, &mut value)?;
     let mut x = [
         itoa::Buffer::new(),
         itoa::Buffer::new(),
@@ -357,8 +352,7 @@ fn with_rate_limit_tail(
     let header_len = |k: &str, v: &[u8]| field(k.len()) + field(v.len());
     let option_len = |k: &str, v: &[u8]| field(header_len(k, v)) + 2;
     let ok_len: usize = headers.iter().map(|(k, v)| field(option_len(k, v))).sum();
-    let mut buf = BytesMut::with_capacity(allow.len() + field(ok_len));
-    buf.put_slice(allow);
+    let mut buf = BytesMut::with_capacity(field(ok_len));
     let out = &mut buf;
     out.put_u8(0x1a);
     encode_varint(ok_len as u64, out);
@@ -380,19 +374,19 @@ fn with_rate_limit_tail(
 }
 
 /// The `RateLimit` header's value, each window's `"name";r=N;t=S` from the
-/// key's prebuilt parts. `None`: the report does not fit the limits.
-fn rate_limit_value(limits: &Limits, report: &LimitReport) -> Option<Line> {
+/// key's prebuilt parts, appended to `value`. `None`: the report does not
+/// fit the limits.
+fn rate_limit_value(limits: &Limits, report: &LimitReport, value: &mut Line) -> Option<()> {
     if report.windows.len() != limits.windows.len() || limits.windows.len() > MAX_WINDOWS {
         return None;
     }
-    let mut value = Line::new();
     for (i, state) in report.windows.iter().enumerate() {
         value.extend_from_slice(limits.rate_prefix(i).as_bytes());
         value.extend_from_slice(itoa::Buffer::new().format(state.remaining).as_bytes());
         value.extend_from_slice(b";t=");
         value.extend_from_slice(itoa::Buffer::new().format(reset_secs(state)).as_bytes());
     }
-    Some(value)
+    Some(())
 }
 
 /// A header value, built on the stack (unless it is long).
@@ -594,7 +588,7 @@ mod tests {
     fn the_rate_limit_tail_is_what_prost_encodes_for_the_same_headers() {
         let (limits, report) = two_windows();
         for x_headers in [false, true] {
-            let tail = with_rate_limit_tail(&[], &limits, &report, x_headers).unwrap();
+            let tail = rate_limit_tail(&limits, &report, x_headers).unwrap();
             let mut ok = OkHttpResponseBuilder::new();
             let mut headers = rate_limit_headers_of(&limits, &report, x_headers);
             headers.retain(|(name, _)| *name != "ratelimit-policy");
@@ -639,7 +633,8 @@ mod tests {
             http_response: Some(HttpResponse::OkResponse(ok.build())),
             dynamic_metadata: None,
         };
-        let both = with_rate_limit_tail(&allow.encode_to_vec(), &limits, &report, false).unwrap();
+        let mut both = allow.encode_to_vec();
+        both.extend_from_slice(&rate_limit_tail(&limits, &report, false).unwrap());
         let parsed = CheckResponse::decode(&both[..]).unwrap();
         let Some(HttpResponse::OkResponse(ok)) = parsed.http_response else {
             panic!("not an allow");
@@ -657,7 +652,7 @@ mod tests {
     fn a_report_that_does_not_fit_the_limits_writes_no_tail() {
         let (limits, mut report) = two_windows();
         report.windows.pop();
-        assert!(with_rate_limit_tail(b"allow", &limits, &report, false).is_none());
+        assert!(rate_limit_tail(&limits, &report, false).is_none());
     }
 
     fn cred(authorization: Option<&str>, api_key: Option<&str>) -> Result<Option<String>, Reason> {

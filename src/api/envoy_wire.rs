@@ -295,11 +295,14 @@ impl EnvoyRequest {
     }
 }
 
-/// An answer: a message, or the bytes of one encoded before.
+/// An answer: a message, or the bytes of one encoded before, or those
+/// followed by more fields of the same message (written one after the other
+/// into the response, so the shared part is not copied first).
 #[derive(Debug, Clone)]
 pub enum Answer {
     Message(Box<CheckResponse>),
     Encoded(Bytes),
+    Tailed(Bytes, Bytes),
 }
 
 /// Decodes [`EnvoyRequest`]s, encodes [`Answer`]s.
@@ -330,6 +333,10 @@ impl Encoder for EnvoyCodec {
     fn encode(&mut self, item: Answer, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         match item {
             Answer::Encoded(bytes) => dst.put_slice(&bytes),
+            Answer::Tailed(head, tail) => {
+                dst.put_slice(&head);
+                dst.put_slice(&tail);
+            }
             Answer::Message(message) => message
                 .encode(dst)
                 .map_err(|e| Status::internal(format!("cannot encode the answer: {e}")))?,

@@ -160,6 +160,21 @@ impl RateLimiter {
         self.local.check(limits, cost, at, held)
     }
 
+    /// [`check`](Self::check) without waiting, when the backend is `local`
+    /// (`None` with Redis: that answer needs a round trip).
+    pub fn check_in_memory(
+        &self,
+        limits: &Arc<Limits>,
+        cost: u64,
+        held: Option<&BucketRef>,
+        at: Instant,
+    ) -> Option<RateDecision> {
+        match self.redis {
+            Some(_) => None,
+            None => Some(self.local.check(limits, cost, at, held)),
+        }
+    }
+
     /// One line every ten seconds at most: while Redis is down every
     /// limited check falls back.
     fn warn_fallback(&self, why: &str) {

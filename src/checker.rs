@@ -659,7 +659,7 @@ impl Checker {
         let Some(limits) = entry.grant.limits.as_ref() else {
             return Ok(outcome);
         };
-        let now = outcome.decided_at.unwrap_or_else(|| self.inner.clock.now());
+        let now = self.decided_at(&outcome);
         let (refusal, report) = self
             .apply_limits(entry, limits, request.cost.max(1), now, at)
             .await?;
@@ -668,6 +668,11 @@ impl Checker {
         }
         outcome.limits = Some(report);
         Ok(outcome)
+    }
+
+    /// When the outcome's policy was decided (now, if it was not).
+    fn decided_at(&self, outcome: &Outcome) -> DateTime<Utc> {
+        outcome.decided_at.unwrap_or_else(|| self.inner.clock.now())
     }
 
     /// [`enforce_limits`](Self::enforce_limits) for a key with rate limits
@@ -695,8 +700,7 @@ impl Checker {
             return false;
         };
         if decision.allowed {
-            let now = outcome.decided_at.unwrap_or_else(|| inner.clock.now());
-            inner.usage.record(entry, now);
+            inner.usage.record(entry, self.decided_at(outcome));
         } else {
             outcome.decision = Decision::rate_limited(decision.retry_after);
         }

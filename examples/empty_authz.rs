@@ -6,13 +6,17 @@
 //!
 //!     empty_authz --addr 127.0.0.1:50061 --runtime current-thread|multi-thread
 //!                 [--answer minimal|headers|metadata|keyward-shaped]
+//!                 [--door hyper|tonic] [--encode-once BOOL] [--coalescing BOOL]
 //!
 //! It is the ceiling the suite measures keyward against, so it is built the
 //! fastest way measured (BENCHMARKS.md, "The baseline is the ceiling"): the
 //! release profile keyward uses, mimalloc as its allocator (as keyward),
-//! and, with `--coalescing true` (the default), connections served as
-//! keyward serves them (keyward::net::Coalescing); each of these made this
-//! server faster in the same run than without it.
+//! with `--coalescing true` (the default) connections served as keyward
+//! serves them (keyward::net::Coalescing), and with `--door hyper` (the
+//! default) `Authorization.Check` served on hyper's request and response as
+//! keyward serves it, the request still decoded whole with prost; each of
+//! these made this server faster in the same run than without it.
+//! `--door tonic` serves tonic's generated service instead.
 //!
 //! `--answer keyward-shaped` still does no work, but answers every check with
 //! a constant response shaped like keyward's allow (identity headers to set,
@@ -20,9 +24,9 @@
 //! end-to-end difference is Envoy applying the answer rather than keyward
 //! computing it. The generated service clones and encodes that constant on
 //! every call; `--encode-once true` sends the bytes encoded at start
-//! instead (as keyward sends a key's cached allow), through a codec that
-//! still decodes the whole request with prost: what is left of the
-//! difference to `--answer minimal` is what the answer's bytes cost.
+//! instead (as keyward sends a key's cached allow), the whole request still
+//! decoded with prost: what is left of the difference to `--answer minimal`
+//! is what the answer's bytes cost.
 
 // Measured: 10 % more checks per core than the system allocator.
 #[global_allocator]
@@ -42,6 +46,74 @@ use keyward::{
 };
 use prost::Message as _;
 use tonic::{Request, Response, Status, transport::server::TcpIncoming};
+
+/// `Authorization.Check` served on hyper's request and response directly,
+/// as keyward serves it (`keyward::api::envoy_wire`), without tonic's codec
+/// machinery: the request read with `read_unary` and decoded whole with
+/// prost, the answer's frame (encoded per call, or once) sent with `reply`.
+mod on_hyper {
+    use std::{convert::Infallible, future::Future, pin::Pin};
+
+    use bytes::Bytes;
+    use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
+    use keyward::api::envoy_wire::{frame, read_unary, reply};
+    use prost::Message as _;
+    use tonic::{Status, body::Body, server::NamedService};
+
+    #[derive(Clone)]
+    pub enum Answer {
+        PerCall(std::sync::Arc<CheckResponse>),
+        Framed(Bytes),
+    }
+
+    #[derive(Clone)]
+    pub struct Server(pub Answer);
+
+    impl NamedService for Server {
+        const NAME: &'static str = "envoy.service.auth.v3.Authorization";
+    }
+
+    impl<B> tower_service::Service<http::Request<B>> for Server
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+    {
+        type Response = http::Response<Body>;
+        type Error = Infallible;
+        type Future =
+            Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Infallible>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            let answer = self.0.clone();
+            Box::pin(async move {
+                if req.uri().path() != "/envoy.service.auth.v3.Authorization/Check" {
+                    return Ok(Status::unimplemented("no such method").into_http());
+                }
+                let (parts, body) = req.into_parts();
+                let answered = read_unary(&parts.headers, body, 4 << 20)
+                    .await
+                    .and_then(|message| {
+                        CheckRequest::decode(message).map_err(|e| Status::internal(e.to_string()))
+                    })
+                    .and_then(|_request| match answer {
+                        Answer::Framed(framed) => Ok(framed),
+                        Answer::PerCall(message) => frame(&CheckResponse::clone(&message)),
+                    });
+                Ok(match answered {
+                    Ok(framed) => reply(framed),
+                    Err(status) => status.into_http(),
+                })
+            })
+        }
+    }
+}
 
 /// `Authorization.Check` answering bytes encoded once, the request decoded
 /// with prost as the generated service decodes it.
@@ -158,6 +230,17 @@ struct Args {
     /// Encode the answer once at start and send its bytes on every call.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     encode_once: bool,
+    /// How `Authorization.Check` is served: through tonic's generated
+    /// service (or its codec, with `--encode-once`), or on hyper's request
+    /// and response directly, as keyward serves it.
+    #[arg(long, value_enum, default_value_t = Door::Hyper)]
+    door: Door,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Door {
+    Tonic,
+    Hyper,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -299,7 +382,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Envoy health-checks its ext_authz cluster; answer it like keyward.
         let (_health, health_service) = tonic_health::server::health_reporter();
         let builder = tonic::transport::Server::builder().add_service(health_service);
-        let router = if args.encode_once {
+        let router = if args.door == Door::Hyper {
+            let answer = if args.encode_once {
+                on_hyper::Answer::Framed(keyward::api::envoy_wire::frame(&answer)?)
+            } else {
+                on_hyper::Answer::PerCall(answer.into())
+            };
+            builder.add_service(on_hyper::Server(answer))
+        } else if args.encode_once {
             builder.add_service(once::Encoded(answer.encode_to_vec().into()))
         } else {
             builder.add_service(AuthorizationServer::new(Empty(answer)))

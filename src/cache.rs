@@ -80,9 +80,9 @@ pub struct CachedKey {
     /// owner moves the epoch, and the entry must be re-read.
     owner_shard: u16,
     owner_epoch: u32,
-    /// The Envoy front door's allow answer for this key, encoded once on
-    /// first use and sent as is after (see `api::envoy`): it depends only on
-    /// the key and the process's settings.
+    /// The Envoy front door's allow answer for this key as a gRPC message
+    /// frame, encoded once on first use and sent as is after (see
+    /// `api::envoy`): it depends only on the key and the process's settings.
     pub envoy_allow: OnceLock<bytes::Bytes>,
     /// Its bucket's rate-limit state on the local backend, held from the
     /// first limited check on (a cache hit then finds it without a lookup).

@@ -31,17 +31,14 @@ use envoy_types::{
         rpc,
     },
 };
-use prost::{
-    Message as _,
-    encoding::{encode_varint, encoded_len_varint},
-};
+use prost::encoding::{encode_varint, encoded_len_varint};
 use smallvec::SmallVec;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 use tracing::Instrument as _;
 
 use super::{
     check_error,
-    envoy_wire::{Answer, EnvoyRequest},
+    envoy_wire::{Answer, EnvoyRequest, frame},
     record_outcome, retry_after_secs,
     status::{reason_code, undecided_status},
 };
@@ -96,22 +93,24 @@ impl EnvoyApi {
 
     /// One `Check`, as [`EnvoyServer`](super::envoy_wire::EnvoyServer)
     /// serves it.
-    pub async fn check(&self, request: Request<EnvoyRequest>) -> Result<Response<Answer>, Status> {
+    pub async fn check(
+        &self,
+        metadata: &http::HeaderMap,
+        req: &EnvoyRequest,
+    ) -> Result<Answer, Status> {
         let doors = self.checker.doors();
         let started = doors.counting().then(Instant::now);
         // Envoy sends its span's context in the call's metadata when it
         // traces; else the client's may be among the forwarded headers.
         let traceparent = if telemetry::traced() {
-            request
-                .metadata()
+            metadata
                 .get("traceparent")
                 .and_then(|v| v.to_str().ok())
-                .or(request.get_ref().traceparent.as_deref())
+                .or(req.traceparent.as_deref())
         } else {
             None
         };
         let span = telemetry::check_span(Door::Envoy, traceparent);
-        let req = request.get_ref();
         let decided = if span.is_none() {
             self.decide(req).await
         } else {
@@ -120,11 +119,11 @@ impl EnvoyApi {
         let door = doors.counted(Door::Envoy).zip(started);
         match decided {
             Ok(outcome) => {
-                let answer = self.answer(&outcome);
+                let answer = self.answer(&outcome)?;
                 if let Some((door, started)) = door {
                     door.answered(outcome.decision.reason, started.elapsed());
                 }
-                Ok(Response::new(answer))
+                Ok(answer)
             }
             Err(err) => {
                 if let Some((door, started)) = door {
@@ -142,24 +141,30 @@ impl EnvoyApi {
     /// second `ok_response` field after it: protobuf parsers (Envoy's C++
     /// one, prost) merge a message field that appears twice, so its
     /// `response_headers_to_add` join the first's.
-    fn answer(&self, outcome: &Outcome) -> Answer {
+    fn answer(&self, outcome: &Outcome) -> Result<Answer, Status> {
         if outcome.decision.allowed()
             && let Some(entry) = outcome.entry()
         {
-            let encoded = entry.envoy_allow.get_or_init(|| {
-                respond(outcome, &self.options, RateHeaders::Policy)
-                    .encode_to_vec()
-                    .into()
-            });
+            let framed = match entry.envoy_allow.get() {
+                Some(framed) => framed,
+                None => {
+                    let framed = frame(&respond(outcome, &self.options, RateHeaders::Policy))?;
+                    entry.envoy_allow.get_or_init(|| framed)
+                }
+            };
             let limits = outcome.declared_limits().filter(|l| !l.windows.is_empty());
             let (Some(limits), Some(report)) = (limits, &outcome.limits) else {
-                return Answer::Encoded(encoded.clone());
+                return Ok(Answer::Framed(framed.clone()));
             };
             if let Some(tail) = rate_limit_tail(limits, report, self.options.x_ratelimit_headers) {
-                return Answer::Tailed(encoded.clone(), tail);
+                return Ok(Answer::Tailed(framed.clone(), tail));
             }
         }
-        Answer::Message(Box::new(respond(outcome, &self.options, RateHeaders::All)))
+        Ok(Answer::Message(Box::new(respond(
+            outcome,
+            &self.options,
+            RateHeaders::All,
+        ))))
     }
 
     async fn decide(&self, req: &EnvoyRequest) -> Result<Outcome, Undecided> {
@@ -554,6 +559,8 @@ fn http_status_code(status: u16) -> HttpStatusCode {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message as _;
+
     use super::*;
 
     fn two_windows() -> (Limits, LimitReport) {

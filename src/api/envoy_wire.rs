@@ -5,24 +5,20 @@
 //! Decoding it with the generated types allocates a string for every field
 //! and header. [`EnvoyRequest`] is what keyward reads, decoded straight from
 //! the protobuf bytes: unwanted fields and headers are skipped without a
-//! copy. The answer goes back either as a message or as bytes encoded
+//! copy. The answer goes back either as a message or as a gRPC frame encoded
 //! before (a key's allow answer, built once per cache entry).
 //!
-//! [`EnvoyServer`] serves `Check` with that codec, in place of the
-//! generated `AuthorizationServer`; Envoy's and any other gRPC client see
-//! the same service.
+//! [`EnvoyServer`] serves `Check` with them, in place of the generated
+//! `AuthorizationServer`; Envoy and any other gRPC client see the same
+//! service.
 
 use std::{convert::Infallible, net::IpAddr, sync::Arc};
 
-use bytes::{Buf as _, BufMut as _, Bytes};
+use bytes::{BufMut as _, Bytes, BytesMut};
 use envoy_types::ext_authz::v3::pb::CheckResponse;
+use http_body_util::BodyExt as _;
 use prost::Message as _;
-use tonic::{
-    Status,
-    body::Body,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    server::{Grpc, NamedService, UnaryService},
-};
+use tonic::{Status, body::Body, server::NamedService};
 use tower_service::Service;
 
 use super::envoy::EnvoyApi;
@@ -295,74 +291,63 @@ impl EnvoyRequest {
     }
 }
 
-/// An answer: a message, or the bytes of one encoded before, or those
-/// followed by more fields of the same message (written one after the other
-/// into the response, so the shared part is not copied first).
+/// An answer: a message, or a whole gRPC message frame encoded before (a
+/// key's allow, kept in its cache entry and sent without a copy), or such a
+/// frame's message followed by more fields of the same message (written one
+/// after the other into the response frame).
 #[derive(Debug, Clone)]
 pub enum Answer {
     Message(Box<CheckResponse>),
-    Encoded(Bytes),
+    Framed(Bytes),
     Tailed(Bytes, Bytes),
 }
 
-/// Decodes [`EnvoyRequest`]s, encodes [`Answer`]s.
-#[derive(Debug, Clone, Copy)]
-pub struct EnvoyCodec {
-    with_host: bool,
+/// The gRPC length prefix: no compression, then the length, big-endian.
+const PREFIX: usize = 5;
+
+fn prefix(buf: &mut BytesMut, len: usize) -> Result<(), Status> {
+    let len = u32::try_from(len).map_err(|_| Status::internal("the answer is too large"))?;
+    buf.put_u8(0);
+    buf.put_u32(len);
+    Ok(())
 }
 
-impl Codec for EnvoyCodec {
-    type Encode = Answer;
-    type Decode = EnvoyRequest;
-    type Encoder = Self;
-    type Decoder = Self;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        *self
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        *self
-    }
+/// `message` as a gRPC message frame (length prefix and message).
+pub fn frame(message: &CheckResponse) -> Result<Bytes, Status> {
+    let len = message.encoded_len();
+    let mut buf = BytesMut::with_capacity(PREFIX + len);
+    prefix(&mut buf, len)?;
+    message
+        .encode(&mut buf)
+        .map_err(|e| Status::internal(format!("cannot encode the answer: {e}")))?;
+    Ok(buf.freeze())
 }
 
-impl Encoder for EnvoyCodec {
-    type Item = Answer;
-    type Error = Status;
-
-    fn encode(&mut self, item: Answer, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        match item {
-            Answer::Encoded(bytes) => dst.put_slice(&bytes),
+impl Answer {
+    /// The response's one gRPC message frame.
+    fn into_frame(self) -> Result<Bytes, Status> {
+        match self {
+            Answer::Framed(frame) => Ok(frame),
             Answer::Tailed(head, tail) => {
-                dst.put_slice(&head);
-                dst.put_slice(&tail);
+                let head = head.get(PREFIX..).unwrap_or_default();
+                let len = head.len() + tail.len();
+                let mut buf = BytesMut::with_capacity(PREFIX + len);
+                prefix(&mut buf, len)?;
+                buf.put_slice(head);
+                buf.put_slice(&tail);
+                Ok(buf.freeze())
             }
-            Answer::Message(message) => message
-                .encode(dst)
-                .map_err(|e| Status::internal(format!("cannot encode the answer: {e}")))?,
+            Answer::Message(message) => frame(&message),
         }
-        Ok(())
     }
 }
 
-impl Decoder for EnvoyCodec {
-    type Item = EnvoyRequest;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<EnvoyRequest>, Status> {
-        let len = src.remaining();
-        // tonic buffers the whole message: one chunk, read in place.
-        if src.chunk().len() == len {
-            let request = EnvoyRequest::decode(src.chunk(), self.with_host)?;
-            src.advance(len);
-            return Ok(Some(request));
-        }
-        let bytes = src.copy_to_bytes(len);
-        EnvoyRequest::decode(&bytes, self.with_host).map(Some)
-    }
-}
-
-/// `envoy.service.auth.v3.Authorization`, served with [`EnvoyCodec`].
+/// `envoy.service.auth.v3.Authorization`, served straight on hyper's
+/// request and response: the request's one message read from the body in
+/// place (no copy into a decode buffer when it arrives in one DATA frame,
+/// as Envoy sends it) and the answer sent as one DATA frame (a cached allow
+/// as it is) and the `grpc-status` trailer. Errors are gRPC statuses as
+/// tonic's generated server would send them.
 #[derive(Debug, Clone)]
 pub struct EnvoyServer {
     api: Arc<EnvoyApi>,
@@ -384,27 +369,151 @@ impl NamedService for EnvoyServer {
 
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 
-struct CheckCall(Arc<EnvoyApi>);
-
-impl UnaryService<EnvoyRequest> for CheckCall {
-    type Response = Answer;
-    type Future = std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<tonic::Response<Answer>, Status>>
-                + Send
-                + 'static,
-        >,
-    >;
-
-    fn call(&mut self, request: tonic::Request<EnvoyRequest>) -> Self::Future {
-        let api = self.0.clone();
-        Box::pin(async move { api.check(request).await })
+/// Reads a unary call's request message, as tonic's unary server does: the
+/// first message of the body (the rest of the body is drained and
+/// ignored), refused with tonic's statuses when it is compressed, larger
+/// than `max` or missing. When the message arrives in one DATA frame (as
+/// Envoy sends it), the result shares that frame's bytes.
+pub async fn read_unary<B>(headers: &http::HeaderMap, body: B, max: usize) -> Result<Bytes, Status>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if let Some(encoding) = headers.get("grpc-encoding")
+        && encoding.as_bytes() != b"identity"
+    {
+        return Err(Status::unimplemented(format!(
+            "Content is compressed with `{}` which isn't supported",
+            String::from_utf8_lossy(encoding.as_bytes())
+        )));
     }
+    let mut body = std::pin::pin!(body);
+    // The first DATA frame, kept as it is while it may hold the whole
+    // message; later ones are appended to a copy.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut message = None;
+    while !body.is_end_stream() {
+        let Some(frame) = body.as_mut().frame().await else {
+            break;
+        };
+        let frame = frame.map_err(|e| Status::from_error(e.into()))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: nothing to read
+        };
+        if message.is_some() || data.is_empty() {
+            continue;
+        }
+        if let Some(buf) = &mut joined {
+            buf.put_slice(&data);
+        } else if let Some(head) = &first {
+            let mut buf = BytesMut::with_capacity(head.len() + data.len());
+            buf.put_slice(head);
+            buf.put_slice(&data);
+            joined = Some(buf);
+        } else {
+            first = Some(data);
+        }
+        let seen = match (&joined, &first) {
+            (Some(buf), _) => &buf[..],
+            (None, Some(head)) => &head[..],
+            (None, None) => continue,
+        };
+        if let Some(range) = whole_message(seen, max)? {
+            message = Some(match (joined.take(), first.take()) {
+                (Some(buf), _) => buf.freeze().slice(range),
+                (None, Some(head)) => head.slice(range),
+                (None, None) => continue,
+            });
+        }
+    }
+    match (message, first.is_some() || joined.is_some()) {
+        (Some(message), _) => Ok(message),
+        (None, true) => Err(Status::internal("Unexpected EOF decoding stream.")),
+        (None, false) => Err(Status::internal("Missing request message.")),
+    }
+}
+
+/// Where the message is in `buf` once its prefix and all of its bytes are
+/// there.
+fn whole_message(buf: &[u8], max: usize) -> Result<Option<std::ops::Range<usize>>, Status> {
+    let Some(head) = buf.get(..PREFIX) else {
+        return Ok(None);
+    };
+    match head[0] {
+        0 => {}
+        1 => {
+            return Err(Status::internal(
+                "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+            ));
+        }
+        flag => {
+            return Err(Status::internal(format!(
+                "protocol error: received message with invalid compression flag: {flag} (valid flags are 0 and 1) while receiving request"
+            )));
+        }
+    }
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > max {
+        return Err(Status::resource_exhausted(format!(
+            "Error, decoded message length too large: found {len} bytes, the limit is: {max} bytes"
+        )));
+    }
+    Ok((buf.len() >= PREFIX + len).then_some(PREFIX..PREFIX + len))
+}
+
+/// A unary gRPC response's body: the message frame, then `grpc-status: 0`
+/// (see [`reply`]).
+struct Reply {
+    frame: Option<Bytes>,
+    trailers: bool,
+}
+
+impl http_body::Body for Reply {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if let Some(frame) = self.frame.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(frame))));
+        }
+        if std::mem::take(&mut self.trailers) {
+            let mut trailers = http::HeaderMap::with_capacity(1);
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+        }
+        std::task::Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frame.is_none() && !self.trailers
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.frame.as_ref().map_or(0, |f| f.len() as u64))
+    }
+}
+
+/// A unary call's successful response: `frame` (a gRPC message frame, as
+/// [`frame`] writes one) and the `grpc-status: 0` trailer.
+pub fn reply(frame: Bytes) -> http::Response<Body> {
+    let mut response = http::Response::new(Body::new(Reply {
+        frame: Some(frame),
+        trailers: true,
+    }));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
 }
 
 impl<B> Service<http::Request<B>> for EnvoyServer
 where
-    B: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     type Response = http::Response<Body>;
@@ -425,13 +534,23 @@ where
             return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
         }
         let api = self.api.clone();
-        let codec = EnvoyCodec {
-            with_host: api.wants_host(),
-        };
         let max = self.max_decoding_message_size;
         Box::pin(async move {
-            let mut grpc = Grpc::new(codec).apply_max_message_size_config(Some(max), None);
-            Ok(grpc.unary(CheckCall(api), req).await)
+            let (parts, body) = req.into_parts();
+            let request = read_unary(&parts.headers, body, max)
+                .await
+                .and_then(|message| EnvoyRequest::decode(&message, api.wants_host()));
+            let answered = match request {
+                Ok(request) => api
+                    .check(&parts.headers, &request)
+                    .await
+                    .and_then(Answer::into_frame),
+                Err(status) => Err(status),
+            };
+            Ok(match answered {
+                Ok(frame) => reply(frame),
+                Err(status) => status.into_http(),
+            })
         })
     }
 }
@@ -578,5 +697,149 @@ mod tests {
         bytes.extend_from_slice(&attributes);
         let err = EnvoyRequest::decode(&bytes, false).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+
+    /// A request body that arrives as these DATA frames.
+    struct Chunks(std::collections::VecDeque<Bytes>);
+
+    impl http_body::Body for Chunks {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+            std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+        }
+    }
+
+    fn grpc_frame(message: &[u8]) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        out.extend_from_slice(message);
+        out
+    }
+
+    async fn read(chunks: &[&[u8]], headers: &http::HeaderMap) -> Result<EnvoyRequest, Status> {
+        let body = Chunks(chunks.iter().map(|c| Bytes::copy_from_slice(c)).collect());
+        let message = read_unary(headers, body, 4096).await?;
+        EnvoyRequest::decode(&message, false)
+    }
+
+    fn keyed() -> (Vec<u8>, EnvoyRequest) {
+        let message = full(http(&[("x-api-key", "kw_live_y")])).encode_to_vec();
+        let expected = EnvoyRequest::decode(&message, false).unwrap();
+        assert_eq!(expected.api_key.as_deref(), Some("kw_live_y"));
+        (grpc_frame(&message), expected)
+    }
+
+    #[tokio::test]
+    async fn the_message_is_read_whole_or_in_pieces_and_what_follows_is_ignored() {
+        let (frame, expected) = keyed();
+        let none = http::HeaderMap::new();
+        assert_eq!(read(&[&frame], &none).await.unwrap(), expected);
+        // Split inside the prefix, then inside the message.
+        let pieces = [&frame[..3], &frame[3..20], &[][..], &frame[20..]];
+        assert_eq!(read(&pieces, &none).await.unwrap(), expected);
+        // A second message (or garbage) after the first is drained unread,
+        // as tonic's unary server does.
+        let after = [&frame[..], &b"\x01garbage"[..]];
+        assert_eq!(read(&after, &none).await.unwrap(), expected);
+        // One DATA frame: the message is that frame's bytes, not a copy.
+        let one = Bytes::from(frame.clone());
+        let body = Chunks([one.clone()].into());
+        let message = read_unary(&none, body, 4096).await.unwrap();
+        assert_eq!(message.as_ptr(), one[PREFIX..].as_ptr());
+        let mut identity = http::HeaderMap::new();
+        identity.insert("grpc-encoding", http::HeaderValue::from_static("identity"));
+        assert_eq!(read(&[&frame], &identity).await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn bad_bodies_get_the_status_tonic_would_send() {
+        let (frame, _) = keyed();
+        let none = http::HeaderMap::new();
+        let err = read(&[], &none).await.unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (tonic::Code::Internal, "Missing request message.")
+        );
+        let err = read(&[&frame[..frame.len() - 1]], &none).await.unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (tonic::Code::Internal, "Unexpected EOF decoding stream.")
+        );
+        let mut compressed = frame.clone();
+        compressed[0] = 1;
+        let err = read(&[&compressed], &none).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal);
+        assert!(
+            err.message().contains("compressed-flag"),
+            "{}",
+            err.message()
+        );
+        compressed[0] = 7;
+        let err = read(&[&compressed], &none).await.unwrap_err();
+        assert!(
+            err.message().contains("invalid compression flag: 7"),
+            "{}",
+            err.message()
+        );
+        let mut gzip = http::HeaderMap::new();
+        gzip.insert("grpc-encoding", http::HeaderValue::from_static("gzip"));
+        let err = read(&[&frame], &gzip).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unimplemented);
+        assert!(err.message().contains("`gzip`"), "{}", err.message());
+        // Over the limit: refused from the prefix, before the bytes arrive.
+        let big = grpc_frame(&vec![0; 5000]);
+        let err = read(&[&big[..PREFIX]], &none).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            err.message()
+                .contains("found 5000 bytes, the limit is: 4096 bytes"),
+            "{}",
+            err.message()
+        );
+        // A well-framed message that is not a CheckRequest.
+        let err = read(&[&grpc_frame(&[0xff; 11])], &none).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn a_reply_is_its_frame_then_grpc_status_zero() {
+        let answer = CheckResponse {
+            status: Some(Default::default()),
+            ..Default::default()
+        };
+        let framed = frame(&answer).unwrap();
+        assert_eq!(&framed[..], &grpc_frame(&answer.encode_to_vec())[..]);
+        let response = reply(framed.clone());
+        assert_eq!(response.headers()["content-type"], "application/grpc");
+        let collected = response.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(trailers.len(), 1);
+        assert_eq!(collected.to_bytes(), framed);
+    }
+
+    #[test]
+    fn a_tailed_answer_is_one_frame_of_both_parts() {
+        let head = CheckResponse {
+            status: Some(Default::default()),
+            ..Default::default()
+        };
+        let tail = CheckResponse {
+            dynamic_metadata: Some(Default::default()),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let framed = Answer::Tailed(frame(&head).unwrap(), tail.clone().into())
+            .into_frame()
+            .unwrap();
+        let both = [head.encode_to_vec(), tail].concat();
+        assert_eq!(&framed[..], &grpc_frame(&both)[..]);
+        let parsed = CheckResponse::decode(&framed[PREFIX..]).unwrap();
+        assert!(parsed.status.is_some() && parsed.dynamic_metadata.is_some());
     }
 }

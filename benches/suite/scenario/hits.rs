@@ -137,13 +137,14 @@ pub async fn run(suite: &mut Suite, ctx: &Ctx) {
 
 /// The baseline is the ceiling: the empty server as measured beside the
 /// same server serving tonic's own TCP connections (no write coalescing),
-/// and beside an ext_authz server written the way the tonic example writes
+/// beside it serving tonic's generated service (its `Check` is served on
+/// hyper directly, as keyward's is), and beside an ext_authz server written the way the tonic example writes
 /// one (`#[tokio::main]`, the generated service, `serve(addr)`), all built
 /// with the same profile. And keyward beside the empty server giving
 /// keyward's answer (identity headers, headers to remove, dynamic metadata:
 /// about 360 bytes of response where the empty server's is 8): what is left
-/// of the gap once the answer is the same. The generated service clones and
-/// encodes that answer per call, so the same answer encoded once (as
+/// of the gap once the answer is the same. That server clones and encodes
+/// the answer per call (as the generated service would), so the same answer encoded once (as
 /// keyward sends a key's allow) tells what the bytes alone cost.
 async fn baselines(suite: &mut Suite, kw: &Server, empty: &Server, one_key: &std::path::Path) {
     let shaped = Server::empty_with(
@@ -167,11 +168,18 @@ async fn baselines(suite: &mut Suite, kw: &Server, empty: &Server, one_key: &std
         &["--coalescing", "false"],
     )
     .await;
+    let generated = Server::empty_with(
+        &suite.args.empty,
+        "empty, tonic's generated service",
+        "current-thread",
+        &["--door", "tonic"],
+    )
+    .await;
     let example = match &suite.args.tonic_example {
         Some(bin) => Some(Server::plain(bin, "tonic example").await),
         None => None,
     };
-    let mut targets = vec![kw, &shaped, &shaped_once, empty, &plain];
+    let mut targets = vec![kw, &shaped, &shaped_once, empty, &plain, &generated];
     targets.extend(example.as_ref());
     let r = suite.h2load(&targets, Door::Envoy, one_key, 8, 8).await;
     suite.ratio_row(
@@ -215,12 +223,20 @@ async fn baselines(suite: &mut Suite, kw: &Server, empty: &Server, one_key: &std
         "empty, tonic's connections",
         None,
     );
+    suite.ratio_row(
+        "baseline: empty (Check on hyper) / empty through tonic's generated service",
+        "h2load c8m8",
+        &r[0],
+        &r[2],
+        "empty, tonic's generated service",
+        None,
+    );
     if example.is_some() {
         suite.ratio_row(
             "baseline: empty / the tonic example's way",
             "h2load c8m8",
             &r[0],
-            &r[2],
+            &r[3],
             "tonic example",
             None,
         );

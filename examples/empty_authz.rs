@@ -47,81 +47,21 @@ use keyward::{
 use prost::Message as _;
 use tonic::{Request, Response, Status, transport::server::TcpIncoming};
 
-/// `Authorization.Check` served on hyper's request and response directly,
-/// as keyward serves it (`keyward::api::envoy_wire`), without tonic's codec
-/// machinery: the request read with `read_unary` and decoded whole with
-/// prost, the answer's frame (encoded per call, or once) sent with `reply`.
-mod on_hyper {
-    use std::{convert::Infallible, future::Future, pin::Pin};
-
-    use bytes::Bytes;
-    use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
-    use keyward::api::envoy_wire::{frame, read_unary, reply};
-    use prost::Message as _;
-    use tonic::{Status, body::Body, server::NamedService};
-
-    #[derive(Clone)]
-    pub enum Answer {
-        PerCall(std::sync::Arc<CheckResponse>),
-        Framed(Bytes),
-    }
-
-    #[derive(Clone)]
-    pub struct Server(pub Answer);
-
-    impl NamedService for Server {
-        const NAME: &'static str = "envoy.service.auth.v3.Authorization";
-    }
-
-    impl<B> tower_service::Service<http::Request<B>> for Server
-    where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-    {
-        type Response = http::Response<Body>;
-        type Error = Infallible;
-        type Future =
-            Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
-
-        fn poll_ready(
-            &mut self,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Result<(), Infallible>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, req: http::Request<B>) -> Self::Future {
-            let answer = self.0.clone();
-            Box::pin(async move {
-                if req.uri().path() != "/envoy.service.auth.v3.Authorization/Check" {
-                    return Ok(Status::unimplemented("no such method").into_http());
-                }
-                let (parts, body) = req.into_parts();
-                let answered = read_unary(&parts.headers, body, 4 << 20)
-                    .await
-                    .and_then(|message| {
-                        CheckRequest::decode(message).map_err(|e| Status::internal(e.to_string()))
-                    })
-                    .and_then(|_request| match answer {
-                        Answer::Framed(framed) => Ok(framed),
-                        Answer::PerCall(message) => frame(&CheckResponse::clone(&message)),
-                    });
-                Ok(match answered {
-                    Ok(framed) => reply(framed),
-                    Err(status) => status.into_http(),
-                })
-            })
-        }
-    }
-}
-
-/// `Authorization.Check` answering bytes encoded once, the request decoded
-/// with prost as the generated service decodes it.
-mod once {
+/// `Authorization.Check` served by hand, two ways:
+///
+/// - on hyper's request and response directly, as keyward serves it
+///   (`keyward::api::envoy_wire`), without tonic's codec machinery: the
+///   request read with `read_unary` and decoded whole with prost, the
+///   answer's frame (encoded per call, or once) sent with `reply`;
+/// - through tonic's codec (`--door tonic --encode-once true`): bytes
+///   encoded once, the request decoded with prost as the generated service
+///   decodes it.
+mod by_hand {
     use std::{convert::Infallible, future::Future, pin::Pin};
 
     use bytes::{BufMut as _, Bytes};
-    use envoy_types::ext_authz::v3::pb::CheckRequest;
+    use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
+    use keyward::api::envoy_wire::{frame, read_unary, reply};
     use prost::Message as _;
     use tonic::{
         Status,
@@ -131,7 +71,14 @@ mod once {
     };
 
     #[derive(Clone)]
-    pub struct Encoded(pub Bytes);
+    pub enum Server {
+        /// On hyper, the answer cloned and framed per call.
+        PerCall(std::sync::Arc<CheckResponse>),
+        /// On hyper, the answer's frame encoded once.
+        Framed(Bytes),
+        /// Through tonic's codec, the answer's message encoded once.
+        TonicCodec(Bytes),
+    }
 
     #[derive(Clone, Copy)]
     struct BytesCodec;
@@ -178,13 +125,13 @@ mod once {
         }
     }
 
-    impl NamedService for Encoded {
+    impl NamedService for Server {
         const NAME: &'static str = "envoy.service.auth.v3.Authorization";
     }
 
-    impl<B> tower_service::Service<http::Request<B>> for Encoded
+    impl<B> tower_service::Service<http::Request<B>> for Server
     where
-        B: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
     {
         type Response = http::Response<Body>;
@@ -200,12 +147,32 @@ mod once {
         }
 
         fn call(&mut self, req: http::Request<B>) -> Self::Future {
-            let answer = self.0.clone();
+            let server = self.clone();
             Box::pin(async move {
                 if req.uri().path() != "/envoy.service.auth.v3.Authorization/Check" {
                     return Ok(Status::unimplemented("no such method").into_http());
                 }
-                Ok(Grpc::new(BytesCodec).unary(Call(answer), req).await)
+                let answer = match server {
+                    Server::TonicCodec(encoded) => {
+                        return Ok(Grpc::new(BytesCodec).unary(Call(encoded), req).await);
+                    }
+                    Server::PerCall(message) => Err(message),
+                    Server::Framed(framed) => Ok(framed),
+                };
+                let (parts, body) = req.into_parts();
+                let answered = read_unary(&parts.headers, body, 4 << 20)
+                    .await
+                    .and_then(|message| {
+                        CheckRequest::decode(message).map_err(|e| Status::internal(e.to_string()))
+                    })
+                    .and_then(|_request| match answer {
+                        Ok(framed) => Ok(framed),
+                        Err(message) => frame(&CheckResponse::clone(&message)),
+                    });
+                Ok(match answered {
+                    Ok(framed) => reply(framed),
+                    Err(status) => status.into_http(),
+                })
             })
         }
     }
@@ -383,14 +350,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (_health, health_service) = tonic_health::server::health_reporter();
         let builder = tonic::transport::Server::builder().add_service(health_service);
         let router = if args.door == Door::Hyper {
-            let answer = if args.encode_once {
-                on_hyper::Answer::Framed(keyward::api::envoy_wire::frame(&answer)?)
+            builder.add_service(if args.encode_once {
+                by_hand::Server::Framed(keyward::api::envoy_wire::frame(&answer)?)
             } else {
-                on_hyper::Answer::PerCall(answer.into())
-            };
-            builder.add_service(on_hyper::Server(answer))
+                by_hand::Server::PerCall(answer.into())
+            })
         } else if args.encode_once {
-            builder.add_service(once::Encoded(answer.encode_to_vec().into()))
+            builder.add_service(by_hand::Server::TonicCodec(answer.encode_to_vec().into()))
         } else {
             builder.add_service(AuthorizationServer::new(Empty(answer)))
         }

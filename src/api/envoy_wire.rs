@@ -388,10 +388,7 @@ where
         )));
     }
     let mut body = std::pin::pin!(body);
-    // The first DATA frame, kept as it is while it may hold the whole
-    // message; later ones are appended to a copy.
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
+    let mut pending: Option<Pending> = None;
     let mut message = None;
     while !body.is_end_stream() {
         let Some(frame) = body.as_mut().frame().await else {
@@ -404,33 +401,55 @@ where
         if message.is_some() || data.is_empty() {
             continue;
         }
-        if let Some(buf) = &mut joined {
-            buf.put_slice(&data);
-        } else if let Some(head) = &first {
-            let mut buf = BytesMut::with_capacity(head.len() + data.len());
-            buf.put_slice(head);
-            buf.put_slice(&data);
-            joined = Some(buf);
-        } else {
-            first = Some(data);
-        }
-        let seen = match (&joined, &first) {
-            (Some(buf), _) => &buf[..],
-            (None, Some(head)) => &head[..],
-            (None, None) => continue,
-        };
-        if let Some(range) = whole_message(seen, max)? {
-            message = Some(match (joined.take(), first.take()) {
-                (Some(buf), _) => buf.freeze().slice(range),
-                (None, Some(head)) => head.slice(range),
-                (None, None) => continue,
-            });
+        let buffered = Pending::push(pending.take(), data);
+        match whole_message(buffered.as_slice(), max)? {
+            Some(range) => message = Some(buffered.into_bytes().slice(range)),
+            None => pending = Some(buffered),
         }
     }
-    match (message, first.is_some() || joined.is_some()) {
+    match (message, pending.is_some()) {
         (Some(message), _) => Ok(message),
         (None, true) => Err(Status::internal("Unexpected EOF decoding stream.")),
         (None, false) => Err(Status::internal("Missing request message.")),
+    }
+}
+
+/// The request's bytes so far: the first DATA frame kept as it is while it
+/// may hold the whole message, later ones appended to a copy.
+enum Pending {
+    One(Bytes),
+    Joined(BytesMut),
+}
+
+impl Pending {
+    fn push(pending: Option<Self>, data: Bytes) -> Self {
+        match pending {
+            None => Self::One(data),
+            Some(Self::One(head)) => {
+                let mut buf = BytesMut::with_capacity(head.len() + data.len());
+                buf.put_slice(&head);
+                buf.put_slice(&data);
+                Self::Joined(buf)
+            }
+            Some(Self::Joined(mut buf)) => {
+                buf.put_slice(&data);
+                Self::Joined(buf)
+            }
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::One(bytes) => bytes,
+            Self::Joined(buf) => buf,
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Self::One(bytes) => bytes,
+            Self::Joined(buf) => buf.freeze(),
+        }
     }
 }
 

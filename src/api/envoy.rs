@@ -20,7 +20,7 @@
 
 use std::{collections::HashMap, time::Instant};
 
-use bytes::{BufMut as _, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::{
     ext_authz::v3::{
         DeniedHttpResponseBuilder, OkHttpResponseBuilder,
@@ -32,13 +32,12 @@ use envoy_types::{
     },
 };
 use prost::encoding::{encode_varint, encoded_len_varint};
-use smallvec::SmallVec;
 use tonic::Status;
 use tracing::Instrument as _;
 
 use super::{
     check_error,
-    envoy_wire::{Answer, EnvoyRequest, frame},
+    envoy_wire::{Answer, EnvoyRequest, extend_frame, frame},
     record_outcome, retry_after_secs,
     status::{reason_code, undecided_status},
 };
@@ -156,8 +155,10 @@ impl EnvoyApi {
             let (Some(limits), Some(report)) = (limits, &outcome.limits) else {
                 return Ok(Answer::Framed(framed.clone()));
             };
-            if let Some(tail) = rate_limit_tail(limits, report, self.options.x_ratelimit_headers) {
-                return Ok(Answer::Tailed(framed.clone(), tail));
+            if let Some(frame) =
+                limited_allow(framed, limits, report, self.options.x_ratelimit_headers)?
+            {
+                return Ok(Answer::Framed(frame));
             }
         }
         Ok(Answer::Message(Box::new(respond(
@@ -264,7 +265,7 @@ fn strip_port(host: &str) -> &str {
 /// The RateLimit headers of an answer (draft-ietf-httpapi-ratelimit-headers):
 /// `RateLimit-Policy` (prebuilt per key) and `RateLimit` (this answer's),
 /// and on request the older X-RateLimit-* trio for the window closest to
-/// its limit. [`rate_limit_tail`] writes the same for an allow
+/// its limit. [`limited_allow`] writes the same for an allow
 /// without building them.
 fn rate_limit_headers(outcome: &Outcome, x_headers: bool) -> Vec<(&'static str, String)> {
     match (outcome.declared_limits(), &outcome.limits) {
@@ -281,12 +282,14 @@ fn rate_limit_headers_of(
     if limits.windows.is_empty() {
         return Vec::new();
     }
-    let mut current = Line::new();
-    if rate_limit_value(limits, report, &mut current).is_none() {
+    let Some(len) = rate_limit_value_len(limits, report) else {
         return Vec::new();
-    }
+    };
+    let mut current = Vec::with_capacity(len);
+    put_rate_limit_value(limits, report, &mut current);
     // ASCII: window names are [A-Za-z0-9_-], the rest digits and signs.
-    let current = String::from_utf8_lossy(&current).into_owned();
+    let current = String::from_utf8(current)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     let mut headers = vec![
         ("ratelimit-policy", limits.policy_header.to_string()),
         ("ratelimit", current),
@@ -320,48 +323,60 @@ fn closest_to_limit<'a>(
         .min_by_key(|(w, state)| state.remaining.saturating_mul(1000) / w.limit().max(1))
 }
 
-/// What follows an encoded allow: a second `ok_response` holding only this
-/// answer's `RateLimit` header (and, with `x_headers`, X-RateLimit-*),
-/// each set with OVERWRITE_IF_EXISTS_OR_ADD on the client's response:
-/// byte for byte what prost encodes for that message (tested), written
-/// from the key's prebuilt parts into a buffer of its exact size.
-/// `None`: the report does not fit the limits.
-fn rate_limit_tail(limits: &Limits, report: &LimitReport, x_headers: bool) -> Option<Bytes> {
-    let mut value = Line::new();
-    rate_limit_value(limits, report, &mut value)?;
+/// An encoded allow (`head`, a frame) followed by a second `ok_response`
+/// holding only this answer's `RateLimit` header (and, with `x_headers`,
+/// X-RateLimit-*), each set with OVERWRITE_IF_EXISTS_OR_ADD on the client's
+/// response, as one frame: the tail is byte for byte what prost encodes for
+/// that message (tested), written from the key's prebuilt parts straight
+/// into the frame, which is allocated once at its exact size. `None`: the
+/// report does not fit the limits.
+fn limited_allow(
+    head: &[u8],
+    limits: &Limits,
+    report: &LimitReport,
+    x_headers: bool,
+) -> Result<Option<Bytes>, Status> {
+    let Some(value_len) = rate_limit_value_len(limits, report) else {
+        return Ok(None);
+    };
     let mut x = [
         itoa::Buffer::new(),
         itoa::Buffer::new(),
         itoa::Buffer::new(),
     ];
-    let mut headers: [(&str, &[u8]); 4] = [("ratelimit", &value), ("", &[]), ("", &[]), ("", &[])];
-    let mut n = 1;
+    let mut others: [(&str, &[u8]); 3] = [("", &[]); 3];
+    let mut n = 0;
     if x_headers && let Some((w, state)) = closest_to_limit(limits, report) {
         let [a, b, c] = &mut x;
-        headers[1] = ("x-ratelimit-limit", a.format(w.limit()).as_bytes());
-        headers[2] = (
-            "x-ratelimit-remaining",
-            b.format(state.remaining).as_bytes(),
-        );
-        headers[3] = (
-            "x-ratelimit-reset",
-            c.format(state.reset.as_secs()).as_bytes(),
-        );
-        n = 4;
+        others = [
+            ("x-ratelimit-limit", a.format(w.limit()).as_bytes()),
+            (
+                "x-ratelimit-remaining",
+                b.format(state.remaining).as_bytes(),
+            ),
+            (
+                "x-ratelimit-reset",
+                c.format(state.reset.as_secs()).as_bytes(),
+            ),
+        ];
+        n = others.len();
     }
-    let headers = &headers[..n];
+    let others = &others[..n];
     // HeaderValue {key = 1, value = 2}; HeaderValueOption {header = 1,
     // append_action = 3}; OkHttpResponse {response_headers_to_add = 6};
     // CheckResponse {ok_response = 3}.
     let field = |len: usize| 1 + encoded_len_varint(len as u64) + len;
-    let header_len = |k: &str, v: &[u8]| field(k.len()) + field(v.len());
-    let option_len = |k: &str, v: &[u8]| field(header_len(k, v)) + 2;
-    let ok_len: usize = headers.iter().map(|(k, v)| field(option_len(k, v))).sum();
-    let mut buf = BytesMut::with_capacity(field(ok_len));
-    let out = &mut buf;
+    let header_len = |k: &str, v: usize| field(k.len()) + field(v);
+    let option_len = |k: &str, v: usize| field(header_len(k, v)) + 2;
+    let ok_len = field(option_len("ratelimit", value_len))
+        + others
+            .iter()
+            .map(|(k, v)| field(option_len(k, v.len())))
+            .sum::<usize>();
+    let mut out = extend_frame(head, field(ok_len))?;
     out.put_u8(0x1a);
-    encode_varint(ok_len as u64, out);
-    for (k, v) in headers {
+    encode_varint(ok_len as u64, &mut out);
+    let option = |out: &mut BytesMut, k: &str, v: usize| {
         out.put_u8(0x32);
         encode_varint(option_len(k, v) as u64, out);
         out.put_u8(0x0a);
@@ -370,32 +385,54 @@ fn rate_limit_tail(limits: &Limits, report: &LimitReport, x_headers: bool) -> Op
         encode_varint(k.len() as u64, out);
         out.put_slice(k.as_bytes());
         out.put_u8(0x12);
-        encode_varint(v.len() as u64, out);
+        encode_varint(v as u64, out);
+    };
+    let set = HeaderAppendAction::OverwriteIfExistsOrAdd as u8;
+    option(&mut out, "ratelimit", value_len);
+    put_rate_limit_value(limits, report, &mut out);
+    out.put_slice(&[0x18, set]);
+    for (k, v) in others {
+        option(&mut out, k, v.len());
         out.put_slice(v);
-        out.put_u8(0x18);
-        out.put_u8(HeaderAppendAction::OverwriteIfExistsOrAdd as u8);
+        out.put_slice(&[0x18, set]);
     }
-    Some(buf.freeze())
+    Ok(Some(out.freeze()))
 }
 
-/// The `RateLimit` header's value, each window's `"name";r=N;t=S` from the
-/// key's prebuilt parts, appended to `value`. `None`: the report does not
-/// fit the limits.
-fn rate_limit_value(limits: &Limits, report: &LimitReport, value: &mut Line) -> Option<()> {
+/// The length of the `RateLimit` header's value that
+/// [`put_rate_limit_value`] writes. `None`: the report does not fit the
+/// limits.
+fn rate_limit_value_len(limits: &Limits, report: &LimitReport) -> Option<usize> {
     if report.windows.len() != limits.windows.len() || limits.windows.len() > MAX_WINDOWS {
         return None;
     }
-    for (i, state) in report.windows.iter().enumerate() {
-        value.extend_from_slice(limits.rate_prefix(i).as_bytes());
-        value.extend_from_slice(itoa::Buffer::new().format(state.remaining).as_bytes());
-        value.extend_from_slice(b";t=");
-        value.extend_from_slice(itoa::Buffer::new().format(reset_secs(state)).as_bytes());
-    }
-    Some(())
+    let digits = |n: u64| n.checked_ilog10().map_or(1, |d| d as usize + 1);
+    Some(
+        report
+            .windows
+            .iter()
+            .enumerate()
+            .map(|(i, state)| {
+                limits.rate_prefix(i).len()
+                    + digits(state.remaining)
+                    + b";t=".len()
+                    + digits(reset_secs(state))
+            })
+            .sum(),
+    )
 }
 
-/// A header value, built on the stack (unless it is long).
-type Line = SmallVec<[u8; 256]>;
+/// The `RateLimit` header's value, each window's `"name";r=N;t=S` from the
+/// key's prebuilt parts, for a report that fits the limits
+/// ([`rate_limit_value_len`]).
+fn put_rate_limit_value(limits: &Limits, report: &LimitReport, out: &mut impl BufMut) {
+    for (i, state) in report.windows.iter().enumerate() {
+        out.put_slice(limits.rate_prefix(i).as_bytes());
+        out.put_slice(itoa::Buffer::new().format(state.remaining).as_bytes());
+        out.put_slice(b";t=");
+        out.put_slice(itoa::Buffer::new().format(reset_secs(state)).as_bytes());
+    }
+}
 
 /// Headers added to the response Envoy sends the client.
 fn add_response_headers(ok: &mut OkHttpResponseBuilder, headers: Vec<(&'static str, String)>) {
@@ -562,6 +599,7 @@ mod tests {
     use prost::Message as _;
 
     use super::*;
+    use crate::api::envoy_wire::PREFIX;
 
     fn two_windows() -> (Limits, LimitReport) {
         let limits = Limits::new(
@@ -591,11 +629,24 @@ mod tests {
         (limits, report)
     }
 
+    /// What [`limited_allow`] writes after an allow whose message is empty.
+    fn tail(limits: &Limits, report: &LimitReport, x_headers: bool) -> Option<Bytes> {
+        let head = frame(&CheckResponse::default()).unwrap();
+        let framed = limited_allow(&head, limits, report, x_headers).unwrap()?;
+        let len = u32::from_be_bytes(framed[1..PREFIX].try_into().unwrap());
+        assert_eq!(
+            len as usize,
+            framed.len() - PREFIX,
+            "the prefix counts the tail"
+        );
+        Some(framed.slice(PREFIX..))
+    }
+
     #[test]
     fn the_rate_limit_tail_is_what_prost_encodes_for_the_same_headers() {
         let (limits, report) = two_windows();
         for x_headers in [false, true] {
-            let tail = rate_limit_tail(&limits, &report, x_headers).unwrap();
+            let tail = tail(&limits, &report, x_headers).unwrap();
             let mut ok = OkHttpResponseBuilder::new();
             let mut headers = rate_limit_headers_of(&limits, &report, x_headers);
             headers.retain(|(name, _)| *name != "ratelimit-policy");
@@ -641,7 +692,7 @@ mod tests {
             dynamic_metadata: None,
         };
         let mut both = allow.encode_to_vec();
-        both.extend_from_slice(&rate_limit_tail(&limits, &report, false).unwrap());
+        both.extend_from_slice(&tail(&limits, &report, false).unwrap());
         let parsed = CheckResponse::decode(&both[..]).unwrap();
         let Some(HttpResponse::OkResponse(ok)) = parsed.http_response else {
             panic!("not an allow");
@@ -656,10 +707,33 @@ mod tests {
     }
 
     #[test]
+    fn the_rate_limit_value_is_as_long_as_its_length_says() {
+        let (limits, mut report) = two_windows();
+        for remaining in [0, 9, 10, 99, 100, 999_999, u64::MAX] {
+            for reset in [0, 1, 999, 1_000, 86_400_000] {
+                for state in report.windows.iter_mut() {
+                    state.remaining = remaining;
+                    state.reset = std::time::Duration::from_millis(reset);
+                }
+                let len = rate_limit_value_len(&limits, &report).unwrap();
+                let mut value = Vec::new();
+                put_rate_limit_value(&limits, &report, &mut value);
+                assert_eq!(len, value.len(), "{}", String::from_utf8_lossy(&value));
+                let r = remaining.to_string();
+                assert!(
+                    String::from_utf8(value)
+                        .unwrap()
+                        .contains(&format!(";r={r};t="))
+                );
+            }
+        }
+    }
+
+    #[test]
     fn a_report_that_does_not_fit_the_limits_writes_no_tail() {
         let (limits, mut report) = two_windows();
         report.windows.pop();
-        assert!(rate_limit_tail(&limits, &report, false).is_none());
+        assert!(tail(&limits, &report, false).is_none());
     }
 
     fn cred(authorization: Option<&str>, api_key: Option<&str>) -> Result<Option<String>, Reason> {

@@ -68,8 +68,16 @@ struct Reader<'a> {
     bytes: &'a [u8],
 }
 
-fn malformed(what: &str) -> Status {
-    Status::invalid_argument(format!("malformed CheckRequest: {what}"))
+/// What is wrong with a request's bytes. Small and `Copy`, so that the
+/// reader's many small steps return it in registers; it becomes a
+/// [`Status`] once, in [`EnvoyRequest::decode`].
+#[derive(Debug, Clone, Copy)]
+struct Malformed(&'static str);
+
+impl From<Malformed> for Status {
+    fn from(Malformed(what): Malformed) -> Self {
+        Status::invalid_argument(format!("malformed CheckRequest: {what}"))
+    }
 }
 
 impl<'a> Reader<'a> {
@@ -77,7 +85,20 @@ impl<'a> Reader<'a> {
         Self { bytes }
     }
 
-    fn varint(&mut self) -> Result<u64, Status> {
+    /// Most varints in a `CheckRequest` (tags, short lengths) are one byte.
+    #[inline]
+    fn varint(&mut self) -> Result<u64, Malformed> {
+        match self.bytes {
+            [byte, rest @ ..] if byte & 0x80 == 0 => {
+                self.bytes = rest;
+                Ok(u64::from(*byte))
+            }
+            _ => self.long_varint(),
+        }
+    }
+
+    #[inline(never)]
+    fn long_varint(&mut self) -> Result<u64, Malformed> {
         let mut value = 0u64;
         for (i, byte) in self.bytes.iter().take(10).enumerate() {
             value |= u64::from(byte & 0x7f) << (7 * i);
@@ -86,57 +107,58 @@ impl<'a> Reader<'a> {
                 return Ok(value);
             }
         }
-        Err(malformed("bad varint"))
+        Err(Malformed("bad varint"))
     }
 
     /// The next field's number and wire type; `None` at the end.
-    fn field(&mut self) -> Result<Option<(u32, u8)>, Status> {
+    fn field(&mut self) -> Result<Option<(u32, u8)>, Malformed> {
         if self.bytes.is_empty() {
             return Ok(None);
         }
         let key = self.varint()?;
-        let number = u32::try_from(key >> 3).map_err(|_| malformed("bad field number"))?;
+        let number = u32::try_from(key >> 3).map_err(|_| Malformed("bad field number"))?;
         if number == 0 {
-            return Err(malformed("field number 0"));
+            return Err(Malformed("field number 0"));
         }
         Ok(Some((number, (key & 7) as u8)))
     }
 
-    fn take(&mut self, n: u64) -> Result<&'a [u8], Status> {
-        let n = usize::try_from(n).map_err(|_| malformed("length"))?;
-        if n > self.bytes.len() {
-            return Err(malformed("truncated"));
+    fn take(&mut self, n: u64) -> Result<&'a [u8], Malformed> {
+        match usize::try_from(n) {
+            Ok(n) if n <= self.bytes.len() => {
+                let (head, rest) = self.bytes.split_at(n);
+                self.bytes = rest;
+                Ok(head)
+            }
+            _ => Err(Malformed("truncated")),
         }
-        let (head, rest) = self.bytes.split_at(n);
-        self.bytes = rest;
-        Ok(head)
     }
 
-    fn len_delimited(&mut self, wire_type: u8) -> Result<&'a [u8], Status> {
+    fn len_delimited(&mut self, wire_type: u8) -> Result<&'a [u8], Malformed> {
         if wire_type != LEN {
-            return Err(malformed("wrong wire type"));
+            return Err(Malformed("wrong wire type"));
         }
         let n = self.varint()?;
         self.take(n)
     }
 
-    fn skip(&mut self, wire_type: u8) -> Result<(), Status> {
+    fn skip(&mut self, wire_type: u8) -> Result<(), Malformed> {
         match wire_type {
             0 => self.varint().map(drop),
             1 => self.take(8).map(drop),
             LEN => self.len_delimited(LEN).map(drop),
             5 => self.take(4).map(drop),
-            _ => Err(malformed("unsupported wire type")),
+            _ => Err(Malformed("unsupported wire type")),
         }
     }
 }
 
-fn utf8(bytes: &[u8]) -> Result<&str, Status> {
-    std::str::from_utf8(bytes).map_err(|_| malformed("a string is not UTF-8"))
+fn utf8(bytes: &[u8]) -> Result<&str, Malformed> {
+    std::str::from_utf8(bytes).map_err(|_| Malformed("a string is not UTF-8"))
 }
 
 /// A `map<string, string>` entry: (key, value) as bytes.
-fn entry(bytes: &[u8]) -> Result<(&[u8], &[u8]), Status> {
+fn entry(bytes: &[u8]) -> Result<(&[u8], &[u8]), Malformed> {
     let mut r = Reader::new(bytes);
     let (mut key, mut value): (&[u8], &[u8]) = (&[], &[]);
     while let Some((number, wire_type)) = r.field()? {
@@ -150,7 +172,7 @@ fn entry(bytes: &[u8]) -> Result<(&[u8], &[u8]), Status> {
 }
 
 /// Keeps the first value of a wanted header.
-fn keep(slot: &mut Option<String>, value: &[u8], lossy: bool) -> Result<(), Status> {
+fn keep(slot: &mut Option<String>, value: &[u8], lossy: bool) -> Result<(), Malformed> {
     if slot.is_none() {
         *slot = Some(if lossy {
             // Raw header values are bytes; keys are ASCII and anything else
@@ -166,6 +188,10 @@ fn keep(slot: &mut Option<String>, value: &[u8], lossy: bool) -> Result<(), Stat
 impl EnvoyRequest {
     /// Decodes the fields keyward reads from an encoded `CheckRequest`.
     pub fn decode(bytes: &[u8], with_host: bool) -> Result<Self, Status> {
+        Self::read(bytes, with_host).map_err(Status::from)
+    }
+
+    fn read(bytes: &[u8], with_host: bool) -> Result<Self, Malformed> {
         let mut out = Self::default();
         let mut r = Reader::new(bytes);
         while let Some((number, wire_type)) = r.field()? {
@@ -178,7 +204,7 @@ impl EnvoyRequest {
         Ok(out)
     }
 
-    fn attributes(&mut self, bytes: &[u8], with_host: bool) -> Result<(), Status> {
+    fn attributes(&mut self, bytes: &[u8], with_host: bool) -> Result<(), Malformed> {
         let mut r = Reader::new(bytes);
         while let Some((number, wire_type)) = r.field()? {
             match number {
@@ -208,7 +234,7 @@ impl EnvoyRequest {
     }
 
     /// `Peer.address.socket_address.address`, parsed.
-    fn source(&mut self, bytes: &[u8]) -> Result<(), Status> {
+    fn source(&mut self, bytes: &[u8]) -> Result<(), Malformed> {
         let mut peer = Reader::new(bytes);
         while let Some((number, wire_type)) = peer.field()? {
             if number != tag::PEER_ADDRESS {
@@ -235,7 +261,7 @@ impl EnvoyRequest {
         Ok(())
     }
 
-    fn http(&mut self, bytes: &[u8], with_host: bool) -> Result<(), Status> {
+    fn http(&mut self, bytes: &[u8], with_host: bool) -> Result<(), Malformed> {
         let mut r = Reader::new(bytes);
         while let Some((number, wire_type)) = r.field()? {
             match number {
@@ -278,7 +304,7 @@ impl EnvoyRequest {
 
     /// Keeps the headers keyward reads (names compared case-insensitively:
     /// Envoy sends them lower-cased, other clients may not).
-    fn header(&mut self, name: &[u8], value: &[u8], lossy: bool) -> Result<(), Status> {
+    fn header(&mut self, name: &[u8], value: &[u8], lossy: bool) -> Result<(), Malformed> {
         if name.eq_ignore_ascii_case(b"authorization") {
             keep(&mut self.authorization, value, lossy)
         } else if name.eq_ignore_ascii_case(b"x-api-key") {
@@ -291,19 +317,17 @@ impl EnvoyRequest {
     }
 }
 
-/// An answer: a message, or a whole gRPC message frame encoded before (a
-/// key's allow, kept in its cache entry and sent without a copy), or such a
-/// frame's message followed by more fields of the same message (written one
-/// after the other into the response frame).
+/// An answer: a message, or a whole gRPC message frame (a key's allow,
+/// encoded before and kept in its cache entry, sent without a copy; or one
+/// written from it, see [`extend_frame`]).
 #[derive(Debug, Clone)]
 pub enum Answer {
     Message(Box<CheckResponse>),
     Framed(Bytes),
-    Tailed(Bytes, Bytes),
 }
 
 /// The gRPC length prefix: no compression, then the length, big-endian.
-const PREFIX: usize = 5;
+pub const PREFIX: usize = 5;
 
 fn prefix(buf: &mut BytesMut, len: usize) -> Result<(), Status> {
     let len = u32::try_from(len).map_err(|_| Status::internal("the answer is too large"))?;
@@ -323,20 +347,23 @@ pub fn frame(message: &CheckResponse) -> Result<Bytes, Status> {
     Ok(buf.freeze())
 }
 
+/// A frame of `head`'s message (`head` is a frame) followed by `more`
+/// bytes of fields of the same message, which the caller appends: the
+/// prefix already counts them, and the buffer has room for exactly them.
+pub fn extend_frame(head: &[u8], more: usize) -> Result<BytesMut, Status> {
+    let head = head.get(PREFIX..).unwrap_or_default();
+    let len = head.len() + more;
+    let mut buf = BytesMut::with_capacity(PREFIX + len);
+    prefix(&mut buf, len)?;
+    buf.put_slice(head);
+    Ok(buf)
+}
+
 impl Answer {
     /// The response's one gRPC message frame.
     fn into_frame(self) -> Result<Bytes, Status> {
         match self {
             Answer::Framed(frame) => Ok(frame),
-            Answer::Tailed(head, tail) => {
-                let head = head.get(PREFIX..).unwrap_or_default();
-                let len = head.len() + tail.len();
-                let mut buf = BytesMut::with_capacity(PREFIX + len);
-                prefix(&mut buf, len)?;
-                buf.put_slice(head);
-                buf.put_slice(&tail);
-                Ok(buf.freeze())
-            }
             Answer::Message(message) => frame(&message),
         }
     }
@@ -843,7 +870,7 @@ mod tests {
     }
 
     #[test]
-    fn a_tailed_answer_is_one_frame_of_both_parts() {
+    fn an_extended_frame_is_one_frame_of_both_parts() {
         let head = CheckResponse {
             status: Some(Default::default()),
             ..Default::default()
@@ -853,9 +880,8 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec();
-        let framed = Answer::Tailed(frame(&head).unwrap(), tail.clone().into())
-            .into_frame()
-            .unwrap();
+        let mut framed = extend_frame(&frame(&head).unwrap(), tail.len()).unwrap();
+        framed.put_slice(&tail);
         let both = [head.encode_to_vec(), tail].concat();
         assert_eq!(&framed[..], &grpc_frame(&both)[..]);
         let parsed = CheckResponse::decode(&framed[PREFIX..]).unwrap();

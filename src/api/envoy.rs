@@ -288,8 +288,7 @@ fn rate_limit_headers_of(
     let mut current = Vec::with_capacity(len);
     put_rate_limit_value(limits, report, &mut current);
     // ASCII: window names are [A-Za-z0-9_-], the rest digits and signs.
-    let current = String::from_utf8(current)
-        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    let current = String::from_utf8_lossy(&current).into_owned();
     let mut headers = vec![
         ("ratelimit-policy", limits.policy_header.to_string()),
         ("ratelimit", current),

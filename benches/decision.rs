@@ -4,7 +4,11 @@
 //!
 //!     cargo bench --bench decision
 
-use std::{cell::Cell, sync::Arc, time::Duration};
+use std::{
+    cell::Cell,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chrono::Utc;
 use divan::{Bencher, black_box};
@@ -135,7 +139,9 @@ fn decision_path(bencher: Bencher) {
     let req = request();
     let i = Cell::new(0);
     bencher.bench_local(|| {
-        let outcome = f.checker.check_cached(Some(&credentials[next(&i)]), &req);
+        let outcome = f
+            .checker
+            .check_cached(Some(&credentials[next(&i)]), &req, Instant::now());
         assert!(matches!(&outcome, Cached::Answered(o) if o.decision.reason == Reason::Ok));
         black_box(outcome)
     });
@@ -159,7 +165,7 @@ fn sha256_key(bencher: Bencher) {
 fn cache_get(bencher: Bencher) {
     let f = fixture();
     let i = Cell::new(0);
-    bencher.bench_local(|| f.cache.get(black_box(&f.hashes[next(&i)])));
+    bencher.bench_local(|| f.cache.get(black_box(&f.hashes[next(&i)]), Instant::now()));
 }
 
 #[divan::bench(sample_count = 500, sample_size = 200)]
@@ -178,7 +184,7 @@ fn usage_record(bencher: Bencher) {
     let entries: Vec<Arc<CachedKey>> = f
         .hashes
         .iter()
-        .map(|h| match f.cache.get(h) {
+        .map(|h| match f.cache.get(h, Instant::now()) {
             Some(Lookup::Fresh(entry)) => entry,
             _ => panic!("every key is cached"),
         })

@@ -30,16 +30,35 @@
 //! The cache of known keys is bounded by bytes: each entry weighs what its
 //! grant holds (a key with long metadata weighs more), so a few maximal keys
 //! cannot push memory far past the bound the way a count-bounded cache would.
+//!
+//! A hit is answered from the *front*: a fixed table of entries indexed by
+//! the hash's own first bytes (a SHA-256 needs no hashing again), one probe
+//! and one pointer per lookup. moka stays the cache: it holds every entry,
+//! bounds the bytes and picks what to evict; the front only points at some
+//! of its entries. A lookup that misses the front (an empty slot, another
+//! key in it) asks moka and puts what it found in the slot. Every entry
+//! that leaves moka (invalidated, replaced, evicted) is marked retired by
+//! moka's eviction listener and taken out of its slot, so the front never
+//! answers with an entry moka no longer holds, even if a lookup that read
+//! it just before puts it back: a retired entry in a slot is a miss. moka
+//! is told of one front hit in [`FRONT_SAMPLE`], so that its admission and
+//! eviction still see which keys are used. Measured in BENCHMARKS.md ("One
+//! probe per hit"): moka's lookup hashed the digest again with SipHash,
+//! pinned an epoch, read the clock and queued the read for its bookkeeping
+//! on every hit, and with 10,000 keys its table, deques and counters were
+//! the hit's data misses.
 
 use std::{
+    cell::Cell,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use moka::sync::Cache;
+use arc_swap::ArcSwapOption;
+use moka::{notification::RemovalCause, sync::Cache};
 
 use crate::{
     key::{Grant, KeyHash, KeyId, OwnerId},
@@ -52,6 +71,13 @@ const SHARDS: usize = 1024;
 /// Shards of the owner epochs: a change to one owner makes the keys of
 /// about 1/16,384 of all owners re-read (its own among them).
 const OWNER_SHARDS: usize = 16_384;
+/// moka is told of one front hit in this many (per thread).
+const FRONT_SAMPLE: u32 = 32;
+/// Front slots per byte of the cache's bound: one per 2 KiB (an entry
+/// weighs about 700 bytes), between these two counts. A slot is a pointer.
+const FRONT_BYTES_PER_SLOT: u64 = 2048;
+const FRONT_MIN_SLOTS: usize = 1 << 10;
+const FRONT_MAX_SLOTS: usize = 1 << 20;
 
 /// Sizes and lifetimes of the cache entries.
 #[derive(Debug, Clone)]
@@ -74,6 +100,10 @@ pub struct CacheSettings {
 #[derive(Debug)]
 pub struct CachedKey {
     pub grant: Grant,
+    /// The hash it is cached under: a front slot holds any key's entry.
+    hash: KeyHash,
+    /// Set when moka let go of it: the front must not answer with it.
+    retired: AtomicBool,
     usage: KeyUsage,
     loaded_at: Instant,
     /// The owner's shard and its epoch when this was read: a change to the
@@ -142,6 +172,7 @@ pub enum Lookup {
 #[derive(Debug, Clone)]
 pub struct KeyCache {
     known: Cache<KeyHash, Arc<CachedKey>>,
+    front: Arc<Front>,
     unknown: Cache<KeyHash, ()>,
     ttl: Duration,
     /// `ttl + stale_if_error`: past this an entry is never served.
@@ -188,11 +219,20 @@ fn owner_shard(owner: &OwnerId) -> usize {
 
 impl KeyCache {
     pub fn new(settings: &CacheSettings) -> Self {
+        let slots = usize::try_from(settings.max_bytes / FRONT_BYTES_PER_SLOT)
+            .unwrap_or(FRONT_MAX_SLOTS)
+            .clamp(FRONT_MIN_SLOTS, FRONT_MAX_SLOTS);
+        let front = Arc::new(Front::new(slots));
+        let retire = front.clone();
         Self {
             known: Cache::builder()
                 .max_capacity(settings.max_bytes)
                 .weigher(|_, entry: &Arc<CachedKey>| entry.weight())
+                .eviction_listener(move |_, entry: Arc<CachedKey>, _: RemovalCause| {
+                    retire.retire(&entry);
+                })
                 .build(),
+            front,
             unknown: Cache::builder()
                 .max_capacity(settings.negative_capacity)
                 .time_to_live(settings.negative_ttl)
@@ -208,26 +248,39 @@ impl KeyCache {
         }
     }
 
-    /// The cached answer for a hash, if any.
-    pub fn get(&self, hash: &KeyHash) -> Option<Lookup> {
-        if let Some(entry) = self.known.get(hash) {
-            let age = entry.loaded_at.elapsed();
-            if age >= self.hard {
-                self.known.invalidate(hash);
-                return None;
+    /// The cached answer for a hash, if any, as of `now`.
+    pub fn get(&self, hash: &KeyHash, now: Instant) -> Option<Lookup> {
+        let entry = match self.front.get(hash) {
+            Some(entry) => {
+                if sampled() {
+                    // Only so that moka counts the use.
+                    drop(self.known.get(hash));
+                }
+                entry
             }
-            if self.marked(&entry)
-                || self.owner_epochs[usize::from(entry.owner_shard)].load(Ordering::Acquire)
-                    != entry.owner_epoch
-            {
-                return Some(Lookup::Revalidate(entry));
-            }
-            if age < self.fresh_for(hash) {
-                return Some(Lookup::Fresh(entry));
-            }
-            return Some(Lookup::Stale(entry));
+            None => match self.known.get(hash) {
+                Some(entry) => {
+                    self.front.put(&entry);
+                    entry
+                }
+                None => return self.unknown.get(hash).map(|()| Lookup::Unknown),
+            },
+        };
+        let age = now.saturating_duration_since(entry.loaded_at);
+        if age >= self.hard {
+            self.known.invalidate(hash);
+            return None;
         }
-        self.unknown.get(hash).map(|()| Lookup::Unknown)
+        if self.marked(&entry)
+            || self.owner_epochs[usize::from(entry.owner_shard)].load(Ordering::Acquire)
+                != entry.owner_epoch
+        {
+            return Some(Lookup::Revalidate(entry));
+        }
+        if age < self.fresh_for(hash) {
+            return Some(Lookup::Fresh(entry));
+        }
+        Some(Lookup::Stale(entry))
     }
 
     /// The soft TTL, shortened by up to a fifth depending on the hash, so
@@ -282,6 +335,8 @@ impl KeyCache {
                     owner_shard: owner as u16,
                     owner_epoch: self.owner_epochs[owner].load(Ordering::Acquire),
                     grant,
+                    hash,
+                    retired: AtomicBool::new(false),
                     usage: KeyUsage::default(),
                     loaded_at: Instant::now(),
                     envoy_allow: OnceLock::new(),
@@ -378,6 +433,63 @@ impl KeyCache {
     }
 }
 
+/// The front of the known keys: one slot per hash prefix, each pointing at
+/// moka's entry for the last key looked up there (see the module doc).
+#[derive(Debug)]
+struct Front {
+    slots: Box<[ArcSwapOption<CachedKey>]>,
+    mask: usize,
+}
+
+impl Front {
+    /// `slots` rounded up to a power of two.
+    fn new(slots: usize) -> Self {
+        let slots = slots.next_power_of_two();
+        Self {
+            slots: (0..slots).map(|_| ArcSwapOption::empty()).collect(),
+            mask: slots - 1,
+        }
+    }
+
+    fn slot(&self, hash: &KeyHash) -> &ArcSwapOption<CachedKey> {
+        let b = hash.as_bytes();
+        let prefix = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        &self.slots[prefix as usize & self.mask]
+    }
+
+    /// The entry of `hash`, if its slot holds it and moka still does.
+    fn get(&self, hash: &KeyHash) -> Option<Arc<CachedKey>> {
+        self.slot(hash)
+            .load_full()
+            .filter(|e| e.hash == *hash && !e.retired.load(Ordering::Acquire))
+    }
+
+    fn put(&self, entry: &Arc<CachedKey>) {
+        self.slot(&entry.hash).store(Some(entry.clone()));
+    }
+
+    /// moka let go of `entry`: never answer with it again, and free its
+    /// slot unless another entry took it meanwhile.
+    fn retire(&self, entry: &Arc<CachedKey>) {
+        entry.retired.store(true, Ordering::Release);
+        self.slot(&entry.hash)
+            .compare_and_swap(Arc::as_ptr(entry), None);
+    }
+}
+
+thread_local! {
+    static FRONT_HITS: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Whether this front hit is one moka is told of (one in [`FRONT_SAMPLE`]).
+fn sampled() -> bool {
+    FRONT_HITS.with(|hits| {
+        let n = hits.get().wrapping_add(1);
+        hits.set(n);
+        n % FRONT_SAMPLE == 0
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,11 +515,14 @@ mod tests {
     fn filled_entries_are_served_until_invalidated() {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let (hash, rec) = record();
-        assert!(cache.get(&hash).is_none());
+        assert!(cache.get(&hash, Instant::now()).is_none());
         cache.fill(cache.ticket(&hash), hash, Some(rec));
-        assert!(matches!(cache.get(&hash), Some(Lookup::Fresh(_))));
+        assert!(matches!(
+            cache.get(&hash, Instant::now()),
+            Some(Lookup::Fresh(_))
+        ));
         cache.invalidate(&hash);
-        assert!(cache.get(&hash).is_none());
+        assert!(cache.get(&hash, Instant::now()).is_none());
     }
 
     #[test]
@@ -419,7 +534,7 @@ mod tests {
         });
         let (hash, rec) = record();
         cache.fill(cache.ticket(&hash), hash, Some(rec));
-        assert!(cache.get(&hash).is_none());
+        assert!(cache.get(&hash, Instant::now()).is_none());
     }
 
     #[test]
@@ -427,7 +542,10 @@ mod tests {
         let cache = KeyCache::new(&settings(Duration::ZERO));
         let (hash, rec) = record();
         cache.fill(cache.ticket(&hash), hash, Some(rec));
-        assert!(matches!(cache.get(&hash), Some(Lookup::Stale(_))));
+        assert!(matches!(
+            cache.get(&hash, Instant::now()),
+            Some(Lookup::Stale(_))
+        ));
     }
 
     #[test]
@@ -435,9 +553,15 @@ mod tests {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let (hash, rec) = record();
         cache.fill(cache.ticket(&hash), hash, None);
-        assert!(matches!(cache.get(&hash), Some(Lookup::Unknown)));
+        assert!(matches!(
+            cache.get(&hash, Instant::now()),
+            Some(Lookup::Unknown)
+        ));
         cache.fill(cache.ticket(&hash), hash, Some(rec));
-        assert!(matches!(cache.get(&hash), Some(Lookup::Fresh(_))));
+        assert!(matches!(
+            cache.get(&hash, Instant::now()),
+            Some(Lookup::Fresh(_))
+        ));
     }
 
     #[test]
@@ -449,7 +573,7 @@ mod tests {
         cache.invalidate(&hash);
         let served = cache.fill(ticket, hash, Some(rec));
         assert!(served.is_some(), "the loader still answers its own request");
-        assert!(cache.get(&hash).is_none());
+        assert!(cache.get(&hash, Instant::now()).is_none());
     }
 
     #[test]
@@ -463,7 +587,10 @@ mod tests {
         let ticket = cache.ticket(&other);
         cache.invalidate(&changed);
         cache.fill(ticket, other, Some(rec));
-        assert!(matches!(cache.get(&other), Some(Lookup::Fresh(_))));
+        assert!(matches!(
+            cache.get(&other, Instant::now()),
+            Some(Lookup::Fresh(_))
+        ));
     }
 
     #[test]
@@ -473,10 +600,19 @@ mod tests {
         cache.fill(cache.ticket(&a_hash), a_hash, Some(a.clone()));
         cache.fill(cache.ticket(&b), b, None);
         cache.revalidate_all();
-        assert!(matches!(cache.get(&a_hash), Some(Lookup::Revalidate(_))));
-        assert!(cache.get(&b).is_none(), "unknown hashes are forgotten");
+        assert!(matches!(
+            cache.get(&a_hash, Instant::now()),
+            Some(Lookup::Revalidate(_))
+        ));
+        assert!(
+            cache.get(&b, Instant::now()).is_none(),
+            "unknown hashes are forgotten"
+        );
         cache.fill(cache.ticket(&a_hash), a_hash, Some(a));
-        assert!(matches!(cache.get(&a_hash), Some(Lookup::Fresh(_))));
+        assert!(matches!(
+            cache.get(&a_hash, Instant::now()),
+            Some(Lookup::Fresh(_))
+        ));
     }
 
     #[test]
@@ -488,8 +624,14 @@ mod tests {
         cache.forget_unknown(&missing);
         cache.fill(t_found, found, Some(rec));
         cache.fill(t_missing, missing, None);
-        assert!(matches!(cache.get(&found), Some(Lookup::Fresh(_))));
-        assert!(cache.get(&missing).is_none(), "the key may exist now");
+        assert!(matches!(
+            cache.get(&found, Instant::now()),
+            Some(Lookup::Fresh(_))
+        ));
+        assert!(
+            cache.get(&missing, Instant::now()).is_none(),
+            "the key may exist now"
+        );
     }
 
     #[test]
@@ -500,8 +642,11 @@ mod tests {
         cache.fill(cache.ticket(&unknown), unknown, None);
         cache.forget_unknown(&known);
         cache.forget_unknown(&unknown);
-        assert!(matches!(cache.get(&known), Some(Lookup::Fresh(_))));
-        assert!(cache.get(&unknown).is_none());
+        assert!(matches!(
+            cache.get(&known, Instant::now()),
+            Some(Lookup::Fresh(_))
+        ));
+        assert!(cache.get(&unknown, Instant::now()).is_none());
     }
 
     #[test]
@@ -513,15 +658,91 @@ mod tests {
         cache.fill(cache.ticket(&hash), hash, Some(rec.clone()));
         cache.fill(cache.ticket(&other), other, Some(other_rec));
         cache.invalidate_owner(&rec.owner_id);
-        assert!(matches!(cache.get(&hash), Some(Lookup::Revalidate(_))));
-        assert!(matches!(cache.get(&other), Some(Lookup::Fresh(_))));
+        assert!(matches!(
+            cache.get(&hash, Instant::now()),
+            Some(Lookup::Revalidate(_))
+        ));
+        assert!(matches!(
+            cache.get(&other, Instant::now()),
+            Some(Lookup::Fresh(_))
+        ));
         // A fill that read the key while its owner changed is not kept.
         let ticket = cache.ticket(&hash);
         cache.invalidate_owner(&rec.owner_id);
         assert!(cache.fill(ticket, hash, Some(rec.clone())).is_some());
-        assert!(cache.get(&hash).is_none());
+        assert!(cache.get(&hash, Instant::now()).is_none());
         cache.fill(cache.ticket(&hash), hash, Some(rec));
-        assert!(matches!(cache.get(&hash), Some(Lookup::Fresh(_))));
+        assert!(matches!(
+            cache.get(&hash, Instant::now()),
+            Some(Lookup::Fresh(_))
+        ));
+    }
+
+    #[test]
+    fn the_front_never_answers_with_an_entry_moka_let_go_of() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let (hash, rec) = record();
+        cache.fill(cache.ticket(&hash), hash, Some(rec));
+        // The first lookup reads moka and fills the front; the second is the
+        // front's.
+        assert!(matches!(
+            cache.get(&hash, Instant::now()),
+            Some(Lookup::Fresh(_))
+        ));
+        assert!(cache.front.get(&hash).is_some());
+        assert!(matches!(
+            cache.get(&hash, Instant::now()),
+            Some(Lookup::Fresh(_))
+        ));
+        // A lookup that read moka just before the invalidation puts the
+        // old entry back after it: still a miss.
+        let old = cache.known.get(&hash).unwrap();
+        cache.invalidate(&hash);
+        assert!(cache.front.get(&hash).is_none());
+        cache.front.put(&old);
+        assert!(cache.front.get(&hash).is_none());
+        assert!(cache.get(&hash, Instant::now()).is_none());
+    }
+
+    #[test]
+    fn a_replaced_entry_leaves_the_front() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let (hash, rec) = record();
+        cache.fill(cache.ticket(&hash), hash, Some(rec.clone()));
+        let Some(Lookup::Fresh(first)) = cache.get(&hash, Instant::now()) else {
+            panic!("not cached");
+        };
+        let changed = Grant {
+            scopes: Grant::for_test("acme", &["read"]).scopes,
+            ..rec
+        };
+        cache.fill(cache.ticket(&hash), hash, Some(changed));
+        let Some(Lookup::Fresh(second)) = cache.get(&hash, Instant::now()) else {
+            panic!("not cached");
+        };
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert!(second.grant.has_scope("read"));
+        assert!(Arc::ptr_eq(&cache.front.get(&hash).unwrap(), &second));
+    }
+
+    #[test]
+    fn a_slot_answers_only_for_its_own_key() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let front = Front::new(1);
+        let (a, a_rec) = record();
+        let (b, b_rec) = record();
+        let a_entry = cache.fill(cache.ticket(&a), a, Some(a_rec)).unwrap();
+        let b_entry = cache.fill(cache.ticket(&b), b, Some(b_rec)).unwrap();
+        front.put(&a_entry);
+        assert!(Arc::ptr_eq(&front.get(&a).unwrap(), &a_entry));
+        front.put(&b_entry);
+        assert!(front.get(&a).is_none(), "b took the only slot");
+        assert!(Arc::ptr_eq(&front.get(&b).unwrap(), &b_entry));
+        // Retiring a, no longer in the slot, leaves b there.
+        front.retire(&a_entry);
+        assert!(front.get(&b).is_some());
+        front.retire(&b_entry);
+        assert!(front.get(&b).is_none());
     }
 
     #[test]
@@ -537,9 +758,13 @@ mod tests {
                     .unwrap();
             grant
         };
+        let mut hashes = Vec::new();
         for _ in 0..20 {
             let (hash, _) = record();
             cache.fill(cache.ticket(&hash), hash, Some(heavy()));
+            // Looked up once, so that the front points at it.
+            assert!(cache.get(&hash, Instant::now()).is_some());
+            hashes.push(hash);
         }
         cache.sync();
         assert!(cache.known_bytes() <= 64 * 1024, "{}", cache.known_bytes());
@@ -548,5 +773,10 @@ mod tests {
             "{} heavy keys kept",
             cache.known_len()
         );
+        // What moka evicted, the front no longer answers with (a slot may
+        // also have gone to another key).
+        for hash in &hashes {
+            assert!(cache.front.get(hash).is_none() || cache.known.contains_key(hash));
+        }
     }
 }

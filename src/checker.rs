@@ -402,8 +402,20 @@ impl Checker {
         request: &policy::Request<'_>,
         client: Option<IpAddr>,
     ) -> Result<Outcome, Undecided> {
+        self.check_at(credential, request, client, Instant::now())
+            .await
+    }
+
+    /// [`check`](Self::check) for a check that began at `now` (a front door
+    /// that times its checks reads the clock once for both).
+    pub async fn check_at(
+        &self,
+        credential: Option<&str>,
+        request: &policy::Request<'_>,
+        client: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<Outcome, Undecided> {
         let source = client.map(Source::from);
-        let now = Instant::now();
         if let Some(retry_after) = self.inner.throttle.blocked(source, now) {
             self.inner
                 .stats
@@ -411,7 +423,7 @@ impl Checker {
                 .fetch_add(1, Ordering::Relaxed);
             return Ok(Outcome::blocked(retry_after));
         }
-        let mut outcome = match self.check_cached(credential, request) {
+        let mut outcome = match self.check_cached(credential, request, now) {
             Cached::Answered(outcome) => outcome,
             Cached::Miss(hash, old) => self.check_store(hash, old, request).await?,
             Cached::Unlikely(hash) => match self.inner.unlikely.clone().try_acquire_owned() {
@@ -460,13 +472,19 @@ impl Checker {
 
     /// The hot path without I/O: answers from the credential alone, the
     /// cache or the membership filter, or says which hash must be read.
-    pub fn check_cached(&self, credential: Option<&str>, request: &policy::Request<'_>) -> Cached {
+    /// `now`: when the check began.
+    pub fn check_cached(
+        &self,
+        credential: Option<&str>,
+        request: &policy::Request<'_>,
+        now: Instant,
+    ) -> Cached {
         let hash = match credential_hash(credential) {
             Ok(hash) => hash,
             Err(reason) => return Cached::Answered(Outcome::denied(reason)),
         };
         let inner = &*self.inner;
-        let entry = match inner.cache.get(&hash) {
+        let entry = match inner.cache.get(&hash, now) {
             Some(Lookup::Fresh(entry)) => {
                 if inner.doors.counting() {
                     inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);

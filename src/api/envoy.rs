@@ -95,10 +95,12 @@ impl EnvoyApi {
     pub async fn check(
         &self,
         metadata: &http::HeaderMap,
-        req: &EnvoyRequest,
+        req: &EnvoyRequest<'_>,
     ) -> Result<Answer, Status> {
         let doors = self.checker.doors();
-        let started = doors.counting().then(Instant::now);
+        // One reading of the clock for the door's timer, the throttle and
+        // the cache entry's age.
+        let started = Instant::now();
         // Envoy sends its span's context in the call's metadata when it
         // traces; else the client's may be among the forwarded headers.
         let traceparent = if telemetry::traced() {
@@ -111,21 +113,21 @@ impl EnvoyApi {
         };
         let span = telemetry::check_span(Door::Envoy, traceparent);
         let decided = if span.is_none() {
-            self.decide(req).await
+            self.decide(req, started).await
         } else {
-            self.decide(req).instrument(span.clone()).await
+            self.decide(req, started).instrument(span.clone()).await
         };
-        let door = doors.counted(Door::Envoy).zip(started);
+        let door = doors.counted(Door::Envoy);
         match decided {
             Ok(outcome) => {
                 let answer = self.answer(&outcome)?;
-                if let Some((door, started)) = door {
+                if let Some(door) = door {
                     door.answered(outcome.decision.reason, started.elapsed());
                 }
                 Ok(answer)
             }
             Err(err) => {
-                if let Some((door, started)) = door {
+                if let Some(door) = door {
                     door.failed(check_error(&err), started.elapsed());
                 }
                 Err(undecided_status(err))
@@ -168,13 +170,13 @@ impl EnvoyApi {
         ))))
     }
 
-    async fn decide(&self, req: &EnvoyRequest) -> Result<Outcome, Undecided> {
+    async fn decide(&self, req: &EnvoyRequest<'_>, at: Instant) -> Result<Outcome, Undecided> {
         let outcome = match credential(req) {
             Err(reason) => Outcome::denied(reason),
             Ok(credential) => {
                 let mut scopes_buf = [""; 8];
                 let scopes_vec;
-                let scopes: &[&str] = match req.scopes.as_deref() {
+                let scopes: &[&str] = match req.scopes {
                     None => &[],
                     Some(s) => {
                         let mut n = 0;
@@ -197,11 +199,9 @@ impl EnvoyApi {
                 };
                 let resource = req
                     .resource
-                    .as_deref()
                     .filter(|r| !r.is_empty())
                     .or_else(|| {
                         req.host
-                            .as_deref()
                             .filter(|_| self.options.host_as_resource)
                             .map(strip_port)
                     })
@@ -213,7 +213,7 @@ impl EnvoyApi {
                     cost: 1,
                 };
                 self.checker
-                    .check(credential, &policy_req, req.source_ip)
+                    .check_at(credential, &policy_req, req.source_ip, at)
                     .await?
             }
         };
@@ -223,7 +223,7 @@ impl EnvoyApi {
 }
 
 /// Finds the credential in the headers Envoy forwarded.
-fn credential(req: &EnvoyRequest) -> Result<Option<&str>, Reason> {
+fn credential<'a>(req: &'a EnvoyRequest<'_>) -> Result<Option<&'a str>, Reason> {
     let authorization = req.authorization.as_deref();
     let api_key = req.api_key.as_deref().filter(|v| !v.trim().is_empty());
     match (authorization, api_key) {
@@ -595,6 +595,8 @@ fn http_status_code(status: u16) -> HttpStatusCode {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use prost::Message as _;
 
     use super::*;
@@ -737,8 +739,8 @@ mod tests {
 
     fn cred(authorization: Option<&str>, api_key: Option<&str>) -> Result<Option<String>, Reason> {
         let req = EnvoyRequest {
-            authorization: authorization.map(str::to_owned),
-            api_key: api_key.map(str::to_owned),
+            authorization: authorization.map(Cow::Borrowed),
+            api_key: api_key.map(Cow::Borrowed),
             ..Default::default()
         };
         credential(&req).map(|c| c.map(str::to_owned))

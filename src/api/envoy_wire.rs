@@ -12,7 +12,7 @@
 //! `AuthorizationServer`; Envoy and any other gRPC client see the same
 //! service.
 
-use std::{convert::Infallible, net::IpAddr, sync::Arc};
+use std::{borrow::Cow, convert::Infallible, net::IpAddr, sync::Arc};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use envoy_types::ext_authz::v3::pb::CheckResponse;
@@ -23,19 +23,20 @@ use tower_service::Service;
 
 use super::envoy::EnvoyApi;
 
-/// What keyward reads of Envoy's `CheckRequest`.
+/// What keyward reads of Envoy's `CheckRequest`, borrowed from its bytes
+/// (owned only for a raw header value that is not UTF-8, made lossy).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EnvoyRequest {
+pub struct EnvoyRequest<'a> {
     /// `authorization`, `x-api-key` and `traceparent`, the first of each,
     /// from `headers` or (with `encode_raw_headers`) `header_map`.
-    pub authorization: Option<String>,
-    pub api_key: Option<String>,
-    pub traceparent: Option<String>,
+    pub authorization: Option<Cow<'a, str>>,
+    pub api_key: Option<Cow<'a, str>>,
+    pub traceparent: Option<Cow<'a, str>>,
     /// The `:authority`, only when asked for (`--envoy-host-as-resource`).
-    pub host: Option<String>,
+    pub host: Option<&'a str>,
     /// The route's `context_extensions`.
-    pub resource: Option<String>,
-    pub scopes: Option<String>,
+    pub resource: Option<&'a str>,
+    pub scopes: Option<&'a str>,
     /// The downstream peer's address, when it is an IP socket address.
     pub source_ip: Option<IpAddr>,
 }
@@ -172,26 +173,38 @@ fn entry(bytes: &[u8]) -> Result<(&[u8], &[u8]), Malformed> {
 }
 
 /// Keeps the first value of a wanted header.
-fn keep(slot: &mut Option<String>, value: &[u8], lossy: bool) -> Result<(), Malformed> {
+fn keep<'a>(
+    slot: &mut Option<Cow<'a, str>>,
+    value: &'a [u8],
+    lossy: bool,
+) -> Result<(), Malformed> {
     if slot.is_none() {
         *slot = Some(if lossy {
             // Raw header values are bytes; keys are ASCII and anything else
             // fails the key's format check later.
-            String::from_utf8_lossy(value).into_owned()
+            String::from_utf8_lossy(value)
         } else {
-            utf8(value)?.to_owned()
+            Cow::Borrowed(utf8(value)?)
         });
     }
     Ok(())
 }
 
-impl EnvoyRequest {
+/// Keeps the first value of a wanted context extension.
+fn keep_str<'a>(slot: &mut Option<&'a str>, value: &'a [u8]) -> Result<(), Malformed> {
+    if slot.is_none() {
+        *slot = Some(utf8(value)?);
+    }
+    Ok(())
+}
+
+impl<'a> EnvoyRequest<'a> {
     /// Decodes the fields keyward reads from an encoded `CheckRequest`.
-    pub fn decode(bytes: &[u8], with_host: bool) -> Result<Self, Status> {
+    pub fn decode(bytes: &'a [u8], with_host: bool) -> Result<Self, Status> {
         Self::read(bytes, with_host).map_err(Status::from)
     }
 
-    fn read(bytes: &[u8], with_host: bool) -> Result<Self, Malformed> {
+    fn read(bytes: &'a [u8], with_host: bool) -> Result<Self, Malformed> {
         let mut out = Self::default();
         let mut r = Reader::new(bytes);
         while let Some((number, wire_type)) = r.field()? {
@@ -204,7 +217,7 @@ impl EnvoyRequest {
         Ok(out)
     }
 
-    fn attributes(&mut self, bytes: &[u8], with_host: bool) -> Result<(), Malformed> {
+    fn attributes(&mut self, bytes: &'a [u8], with_host: bool) -> Result<(), Malformed> {
         let mut r = Reader::new(bytes);
         while let Some((number, wire_type)) = r.field()? {
             match number {
@@ -222,8 +235,8 @@ impl EnvoyRequest {
                 tag::ATTR_CONTEXT_EXTENSIONS => {
                     let (key, value) = entry(r.len_delimited(wire_type)?)?;
                     match key {
-                        b"resource" => keep(&mut self.resource, value, false)?,
-                        b"scopes" => keep(&mut self.scopes, value, false)?,
+                        b"resource" => keep_str(&mut self.resource, value)?,
+                        b"scopes" => keep_str(&mut self.scopes, value)?,
                         _ => {}
                     }
                 }
@@ -234,7 +247,7 @@ impl EnvoyRequest {
     }
 
     /// `Peer.address.socket_address.address`, parsed.
-    fn source(&mut self, bytes: &[u8]) -> Result<(), Malformed> {
+    fn source(&mut self, bytes: &'a [u8]) -> Result<(), Malformed> {
         let mut peer = Reader::new(bytes);
         while let Some((number, wire_type)) = peer.field()? {
             if number != tag::PEER_ADDRESS {
@@ -261,7 +274,7 @@ impl EnvoyRequest {
         Ok(())
     }
 
-    fn http(&mut self, bytes: &[u8], with_host: bool) -> Result<(), Malformed> {
+    fn http(&mut self, bytes: &'a [u8], with_host: bool) -> Result<(), Malformed> {
         let mut r = Reader::new(bytes);
         while let Some((number, wire_type)) = r.field()? {
             match number {
@@ -270,7 +283,7 @@ impl EnvoyRequest {
                     self.header(key, value, false)?;
                 }
                 tag::HTTP_HOST if with_host => {
-                    self.host = Some(utf8(r.len_delimited(wire_type)?)?.to_owned());
+                    self.host = Some(utf8(r.len_delimited(wire_type)?)?);
                 }
                 tag::HTTP_HEADER_MAP => {
                     let mut map = Reader::new(r.len_delimited(wire_type)?);
@@ -280,7 +293,8 @@ impl EnvoyRequest {
                             continue;
                         }
                         let mut header = Reader::new(map.len_delimited(wire_type)?);
-                        let (mut key, mut value, mut raw): (&[u8], &[u8], &[u8]) = (&[], &[], &[]);
+                        let (mut key, mut value, mut raw): (&[u8], &'a [u8], &'a [u8]) =
+                            (&[], &[], &[]);
                         while let Some((number, wire_type)) = header.field()? {
                             match number {
                                 tag::HEADER_KEY => key = header.len_delimited(wire_type)?,
@@ -304,7 +318,7 @@ impl EnvoyRequest {
 
     /// Keeps the headers keyward reads (names compared case-insensitively:
     /// Envoy sends them lower-cased, other clients may not).
-    fn header(&mut self, name: &[u8], value: &[u8], lossy: bool) -> Result<(), Malformed> {
+    fn header(&mut self, name: &[u8], value: &'a [u8], lossy: bool) -> Result<(), Malformed> {
         if name.eq_ignore_ascii_case(b"authorization") {
             keep(&mut self.authorization, value, lossy)
         } else if name.eq_ignore_ascii_case(b"x-api-key") {
@@ -583,14 +597,14 @@ where
         let max = self.max_decoding_message_size;
         Box::pin(async move {
             let (parts, body) = req.into_parts();
-            let request = read_unary(&parts.headers, body, max)
-                .await
-                .and_then(|message| EnvoyRequest::decode(&message, api.wants_host()));
-            let answered = match request {
-                Ok(request) => api
-                    .check(&parts.headers, &request)
-                    .await
-                    .and_then(Answer::into_frame),
+            let answered = match read_unary(&parts.headers, body, max).await {
+                Ok(message) => match EnvoyRequest::decode(&message, api.wants_host()) {
+                    Ok(request) => api
+                        .check(&parts.headers, &request)
+                        .await
+                        .and_then(Answer::into_frame),
+                    Err(status) => Err(status),
+                },
                 Err(status) => Err(status),
             };
             Ok(match answered {
@@ -681,9 +695,9 @@ mod tests {
                 authorization: Some("Bearer kw_live_x".into()),
                 api_key: Some("kw_live_y".into()),
                 traceparent: Some("00-aa-bb-01".into()),
-                host: Some("api.example.com:8443".into()),
-                resource: Some("billing".into()),
-                scopes: Some("a,b".into()),
+                host: Some("api.example.com:8443"),
+                resource: Some("billing"),
+                scopes: Some("a,b"),
                 source_ip: Some("2001:db8::7".parse().unwrap()),
             }
         );
@@ -707,7 +721,8 @@ mod tests {
                 },
             ],
         });
-        let request = EnvoyRequest::decode(&full(http).encode_to_vec(), false).unwrap();
+        let bytes = full(http).encode_to_vec();
+        let request = EnvoyRequest::decode(&bytes, false).unwrap();
         assert_eq!(request.api_key.as_deref(), Some("kw_live_raw"));
         assert_eq!(request.authorization.as_deref(), Some("Bearer v"));
     }
@@ -767,17 +782,20 @@ mod tests {
         out
     }
 
-    async fn read(chunks: &[&[u8]], headers: &http::HeaderMap) -> Result<EnvoyRequest, Status> {
+    /// The message read from `chunks`, once it decodes.
+    async fn read(chunks: &[&[u8]], headers: &http::HeaderMap) -> Result<Bytes, Status> {
         let body = Chunks(chunks.iter().map(|c| Bytes::copy_from_slice(c)).collect());
         let message = read_unary(headers, body, 4096).await?;
-        EnvoyRequest::decode(&message, false)
+        EnvoyRequest::decode(&message, false)?;
+        Ok(message)
     }
 
-    fn keyed() -> (Vec<u8>, EnvoyRequest) {
+    /// A request's frame and its message.
+    fn keyed() -> (Vec<u8>, Bytes) {
         let message = full(http(&[("x-api-key", "kw_live_y")])).encode_to_vec();
         let expected = EnvoyRequest::decode(&message, false).unwrap();
         assert_eq!(expected.api_key.as_deref(), Some("kw_live_y"));
-        (grpc_frame(&message), expected)
+        (grpc_frame(&message), message.into())
     }
 
     #[tokio::test]

@@ -36,12 +36,23 @@
 //! and one pointer per lookup. moka stays the cache: it holds every entry,
 //! bounds the bytes and picks what to evict; the front only points at some
 //! of its entries. A lookup that misses the front (an empty slot, another
-//! key in it) asks moka and puts what it found in the slot. Every entry
-//! that leaves moka (invalidated, replaced, evicted) is marked retired by
-//! moka's eviction listener and taken out of its slot, so the front never
-//! answers with an entry moka no longer holds, even if a lookup that read
-//! it just before puts it back: a retired entry in a slot is a miss. moka
-//! is told of one front hit in [`FRONT_SAMPLE`], so that its admission and
+//! key in it) asks moka and puts what it found in the slot. Two rules keep
+//! the front from answering with what moka no longer holds:
+//!
+//! - every entry that leaves moka (invalidated, replaced, evicted) is marked
+//!   retired by moka's eviction listener and taken out of its slot, and a
+//!   retired entry in a slot is a miss;
+//! - an entry in a slot answers only while its hash's shard generation is
+//!   the one read before the moka lookup that put it there, and
+//!   [`KeyCache::invalidate`] moves the generation both before and after it
+//!   evicts. So when an invalidation returns, no lookup can put back an
+//!   entry it read from moka before the eviction, even when the eviction
+//!   was another thread's (a fill overtaken by the invalidation) whose
+//!   listener has not run yet. Another key's invalidation in the same shard
+//!   costs the shard's entries one moka lookup each, not a store read.
+//!
+//! moka is told of about one front hit in [`FRONT_SAMPLE`] (drawn at
+//! random, so that no key is never told of), so that its admission and
 //! eviction still see which keys are used. Measured in BENCHMARKS.md ("One
 //! probe per hit"): moka's lookup hashed the digest again with SipHash,
 //! pinned an epoch, read the clock and queued the read for its bookkeeping
@@ -71,13 +82,15 @@ const SHARDS: usize = 1024;
 /// Shards of the owner epochs: a change to one owner makes the keys of
 /// about 1/16,384 of all owners re-read (its own among them).
 const OWNER_SHARDS: usize = 16_384;
-/// moka is told of one front hit in this many (per thread).
+/// moka is told of about one front hit in this many.
 const FRONT_SAMPLE: u32 = 32;
-/// Front slots per byte of the cache's bound: one per 2 KiB (an entry
-/// weighs about 700 bytes), between these two counts. A slot is a pointer.
-const FRONT_BYTES_PER_SLOT: u64 = 2048;
+/// Front slots per byte of the cache's bound: one per 512 bytes (an entry
+/// weighs about 700, so a full cache has more slots than entries), between
+/// these two counts, rounded up to a power of two. A slot is a pointer: the
+/// default 512 MiB bound has 1,048,576 slots, 8 MiB.
+const FRONT_BYTES_PER_SLOT: u64 = 512;
 const FRONT_MIN_SLOTS: usize = 1 << 10;
-const FRONT_MAX_SLOTS: usize = 1 << 20;
+const FRONT_MAX_SLOTS: usize = 1 << 22;
 
 /// Sizes and lifetimes of the cache entries.
 #[derive(Debug, Clone)]
@@ -104,6 +117,9 @@ pub struct CachedKey {
     hash: KeyHash,
     /// Set when moka let go of it: the front must not answer with it.
     retired: AtomicBool,
+    /// The highest shard generation read before a moka lookup that found
+    /// it: the front answers with it only while that is the current one.
+    front_generation: AtomicU64,
     usage: KeyUsage,
     loaded_at: Instant,
     /// The owner's shard and its epoch when this was read: a change to the
@@ -228,6 +244,8 @@ impl KeyCache {
             known: Cache::builder()
                 .max_capacity(settings.max_bytes)
                 .weigher(|_, entry: &Arc<CachedKey>| entry.weight())
+                // Must not panic: moka would stop calling it, and the front
+                // would keep what moka let go of until the next invalidation.
                 .eviction_listener(move |_, entry: Arc<CachedKey>, _: RemovalCause| {
                     retire.retire(&entry);
                 })
@@ -250,7 +268,9 @@ impl KeyCache {
 
     /// The cached answer for a hash, if any, as of `now`.
     pub fn get(&self, hash: &KeyHash, now: Instant) -> Option<Lookup> {
-        let entry = match self.front.get(hash) {
+        // Read before either lookup (see the module doc).
+        let generation = self.generations[shard(hash)].load(Ordering::SeqCst);
+        let entry = match self.front.get(hash, generation) {
             Some(entry) => {
                 if sampled() {
                     // Only so that moka counts the use.
@@ -260,6 +280,9 @@ impl KeyCache {
             }
             None => match self.known.get(hash) {
                 Some(entry) => {
+                    entry
+                        .front_generation
+                        .fetch_max(generation, Ordering::AcqRel);
                     self.front.put(&entry);
                     entry
                 }
@@ -337,6 +360,7 @@ impl KeyCache {
                     grant,
                     hash,
                     retired: AtomicBool::new(false),
+                    front_generation: AtomicU64::new(0),
                     usage: KeyUsage::default(),
                     loaded_at: Instant::now(),
                     envoy_allow: OnceLock::new(),
@@ -376,7 +400,16 @@ impl KeyCache {
     /// Drops whatever is cached for this hash; the next check reads the store.
     pub fn invalidate(&self, hash: &KeyHash) {
         self.bump(hash);
+        self.evict_and_close(hash);
+    }
+
+    /// The rest of [`invalidate`](Self::invalidate) after its first bump:
+    /// evicts, then moves the generation again, so that what a lookup read
+    /// from moka before the eviction (done here, or by another thread whose
+    /// eviction listener has not run yet) no longer answers from the front.
+    fn evict_and_close(&self, hash: &KeyHash) {
         self.evict(hash);
+        self.bump(hash);
     }
 
     /// A key with this hash was just created: forget that it was unknown
@@ -435,7 +468,6 @@ impl KeyCache {
 
 /// The front of the known keys: one slot per hash prefix, each pointing at
 /// moka's entry for the last key looked up there (see the module doc).
-#[derive(Debug)]
 struct Front {
     slots: Box<[ArcSwapOption<CachedKey>]>,
     mask: usize,
@@ -457,11 +489,14 @@ impl Front {
         &self.slots[prefix as usize & self.mask]
     }
 
-    /// The entry of `hash`, if its slot holds it and moka still does.
-    fn get(&self, hash: &KeyHash) -> Option<Arc<CachedKey>> {
-        self.slot(hash)
-            .load_full()
-            .filter(|e| e.hash == *hash && !e.retired.load(Ordering::Acquire))
+    /// The entry of `hash`, if its slot holds it, moka still does and it
+    /// was found in moka at `generation` of its shard or later.
+    fn get(&self, hash: &KeyHash, generation: u64) -> Option<Arc<CachedKey>> {
+        self.slot(hash).load_full().filter(|e| {
+            e.hash == *hash
+                && !e.retired.load(Ordering::Acquire)
+                && e.front_generation.load(Ordering::Acquire) >= generation
+        })
     }
 
     fn put(&self, entry: &Arc<CachedKey>) {
@@ -477,16 +512,30 @@ impl Front {
     }
 }
 
-thread_local! {
-    static FRONT_HITS: Cell<u32> = const { Cell::new(0) };
+impl std::fmt::Debug for Front {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Front")
+            .field("slots", &self.slots.len())
+            .finish()
+    }
 }
 
-/// Whether this front hit is one moka is told of (one in [`FRONT_SAMPLE`]).
+thread_local! {
+    /// xorshift32 state (never zero).
+    static FRONT_DRAW: Cell<u32> = const { Cell::new(0x9e37_79b9) };
+}
+
+/// Whether this front hit is one moka is told of: about one in
+/// [`FRONT_SAMPLE`], at random rather than every n-th, so that a key seen
+/// at a fixed period (round-robin over a multiple of n keys) is still told.
 fn sampled() -> bool {
-    FRONT_HITS.with(|hits| {
-        let n = hits.get().wrapping_add(1);
-        hits.set(n);
-        n % FRONT_SAMPLE == 0
+    FRONT_DRAW.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        state.set(x);
+        x < u32::MAX / FRONT_SAMPLE
     })
 }
 
@@ -689,7 +738,7 @@ mod tests {
             cache.get(&hash, Instant::now()),
             Some(Lookup::Fresh(_))
         ));
-        assert!(cache.front.get(&hash).is_some());
+        assert!(cache.front.get(&hash, 0).is_some());
         assert!(matches!(
             cache.get(&hash, Instant::now()),
             Some(Lookup::Fresh(_))
@@ -698,10 +747,63 @@ mod tests {
         // old entry back after it: still a miss.
         let old = cache.known.get(&hash).unwrap();
         cache.invalidate(&hash);
-        assert!(cache.front.get(&hash).is_none());
+        assert!(cache.front.get(&hash, 0).is_none());
         cache.front.put(&old);
-        assert!(cache.front.get(&hash).is_none());
+        assert!(cache.front.get(&hash, 0).is_none());
         assert!(cache.get(&hash, Instant::now()).is_none());
+    }
+
+    #[test]
+    fn a_lookup_that_read_moka_before_an_invalidation_cannot_put_it_back_after() {
+        // The entry another thread has just taken out of moka, its listener
+        // not yet run: not in this cache's moka, not retired.
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let elsewhere = KeyCache::new(&settings(Duration::from_secs(60)));
+        let (hash, rec) = record();
+        let late = elsewhere
+            .fill(elsewhere.ticket(&hash), hash, Some(rec))
+            .unwrap();
+        // Before the invalidation: a lookup that reads the generation and
+        // finds the entry in moka, ...
+        let before = cache.generations[shard(&hash)].load(Ordering::SeqCst);
+        // ... or one that does so after its first bump, before the entry
+        // leaves moka (by another thread, whose listener has not run).
+        cache.bump(&hash);
+        let during = cache.generations[shard(&hash)].load(Ordering::SeqCst);
+        cache.evict_and_close(&hash);
+        // Either puts what it found in the front after the invalidation.
+        for read_at in [before, during] {
+            late.front_generation.fetch_max(read_at, Ordering::AcqRel);
+            cache.front.put(&late);
+            assert!(cache.get(&hash, Instant::now()).is_none());
+        }
+        // Without the invalidation in between it would have answered.
+        let now_at = cache.generations[shard(&hash)].load(Ordering::SeqCst);
+        late.front_generation.fetch_max(now_at, Ordering::AcqRel);
+        assert!(matches!(
+            cache.get(&hash, Instant::now()),
+            Some(Lookup::Fresh(_))
+        ));
+    }
+
+    #[test]
+    fn another_keys_invalidation_costs_a_front_entry_one_moka_lookup() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let (hash, rec) = record();
+        cache.fill(cache.ticket(&hash), hash, Some(rec));
+        assert!(cache.get(&hash, Instant::now()).is_some());
+        let first = cache.generations[shard(&hash)].load(Ordering::SeqCst);
+        assert!(cache.front.get(&hash, first).is_some());
+        // Another key of the same shard changes.
+        cache.bump(&hash);
+        let after = cache.generations[shard(&hash)].load(Ordering::SeqCst);
+        assert!(cache.front.get(&hash, after).is_none());
+        // One lookup through moka puts it back, current.
+        assert!(matches!(
+            cache.get(&hash, Instant::now()),
+            Some(Lookup::Fresh(_))
+        ));
+        assert!(cache.front.get(&hash, after).is_some());
     }
 
     #[test]
@@ -722,7 +824,7 @@ mod tests {
         };
         assert!(!Arc::ptr_eq(&first, &second));
         assert!(second.grant.has_scope("read"));
-        assert!(Arc::ptr_eq(&cache.front.get(&hash).unwrap(), &second));
+        assert!(Arc::ptr_eq(&cache.front.get(&hash, 0).unwrap(), &second));
     }
 
     #[test]
@@ -734,15 +836,15 @@ mod tests {
         let a_entry = cache.fill(cache.ticket(&a), a, Some(a_rec)).unwrap();
         let b_entry = cache.fill(cache.ticket(&b), b, Some(b_rec)).unwrap();
         front.put(&a_entry);
-        assert!(Arc::ptr_eq(&front.get(&a).unwrap(), &a_entry));
+        assert!(Arc::ptr_eq(&front.get(&a, 0).unwrap(), &a_entry));
         front.put(&b_entry);
-        assert!(front.get(&a).is_none(), "b took the only slot");
-        assert!(Arc::ptr_eq(&front.get(&b).unwrap(), &b_entry));
+        assert!(front.get(&a, 0).is_none(), "b took the only slot");
+        assert!(Arc::ptr_eq(&front.get(&b, 0).unwrap(), &b_entry));
         // Retiring a, no longer in the slot, leaves b there.
         front.retire(&a_entry);
-        assert!(front.get(&b).is_some());
+        assert!(front.get(&b, 0).is_some());
         front.retire(&b_entry);
-        assert!(front.get(&b).is_none());
+        assert!(front.get(&b, 0).is_none());
     }
 
     #[test]
@@ -776,7 +878,7 @@ mod tests {
         // What moka evicted, the front no longer answers with (a slot may
         // also have gone to another key).
         for hash in &hashes {
-            assert!(cache.front.get(hash).is_none() || cache.known.contains_key(hash));
+            assert!(cache.front.get(hash, 0).is_none() || cache.known.contains_key(hash));
         }
     }
 }

@@ -597,6 +597,9 @@ where
         let max = self.max_decoding_message_size;
         Box::pin(async move {
             let (parts, body) = req.into_parts();
+            // The request's fields are borrowed from its message, so the
+            // message (at most `max` bytes) lives until the answer is made,
+            // a store read included.
             let answered = match read_unary(&parts.headers, body, max).await {
                 Ok(message) => match EnvoyRequest::decode(&message, api.wants_host()) {
                     Ok(request) => api

@@ -176,6 +176,8 @@ pub struct Config {
 
     /// Memory the cache of known keys may use, by the size of each entry
     /// (a key with long metadata weighs more than one without), e.g. `512MiB`.
+    /// Its lookup table takes 8 bytes more per 512 bytes of this (at most
+    /// 32 MiB), allocated at start.
     #[arg(long, env = "KEYWARD_CACHE_MAX_BYTES", default_value = "512MiB", value_parser = parse_bytes, global = true)]
     pub cache_max_bytes: u64,
 

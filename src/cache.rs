@@ -269,7 +269,7 @@ impl KeyCache {
     /// The cached answer for a hash, if any, as of `now`.
     pub fn get(&self, hash: &KeyHash, now: Instant) -> Option<Lookup> {
         // Read before either lookup (see the module doc).
-        let generation = self.generations[shard(hash)].load(Ordering::SeqCst);
+        let generation = self.generation(hash);
         let entry = match self.front.get(hash, generation) {
             Some(entry) => {
                 if sampled() {
@@ -391,6 +391,11 @@ impl KeyCache {
     pub fn invalidate_owner(&self, owner: &OwnerId) {
         self.owner_changes.fetch_add(1, Ordering::SeqCst);
         self.owner_epochs[owner_shard(owner)].fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The current generation of `hash`'s shard.
+    fn generation(&self, hash: &KeyHash) -> u64 {
+        self.generations[shard(hash)].load(Ordering::SeqCst)
     }
 
     fn bump(&self, hash: &KeyHash) {
@@ -554,6 +559,11 @@ mod tests {
         }
     }
 
+    /// The cache's answer for `hash` now.
+    fn get(cache: &KeyCache, hash: &KeyHash) -> Option<Lookup> {
+        cache.get(hash, Instant::now())
+    }
+
     /// A grant and the hash it is cached under.
     fn record() -> (KeyHash, Grant) {
         let key = ApiKey::generate(&KeyPrefix::parse("kw_test").unwrap());
@@ -564,14 +574,11 @@ mod tests {
     fn filled_entries_are_served_until_invalidated() {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let (hash, rec) = record();
-        assert!(cache.get(&hash, Instant::now()).is_none());
+        assert!(get(&cache, &hash).is_none());
         cache.fill(cache.ticket(&hash), hash, Some(rec));
-        assert!(matches!(
-            cache.get(&hash, Instant::now()),
-            Some(Lookup::Fresh(_))
-        ));
+        assert!(matches!(get(&cache, &hash), Some(Lookup::Fresh(_))));
         cache.invalidate(&hash);
-        assert!(cache.get(&hash, Instant::now()).is_none());
+        assert!(get(&cache, &hash).is_none());
     }
 
     #[test]
@@ -583,7 +590,7 @@ mod tests {
         });
         let (hash, rec) = record();
         cache.fill(cache.ticket(&hash), hash, Some(rec));
-        assert!(cache.get(&hash, Instant::now()).is_none());
+        assert!(get(&cache, &hash).is_none());
     }
 
     #[test]
@@ -591,10 +598,7 @@ mod tests {
         let cache = KeyCache::new(&settings(Duration::ZERO));
         let (hash, rec) = record();
         cache.fill(cache.ticket(&hash), hash, Some(rec));
-        assert!(matches!(
-            cache.get(&hash, Instant::now()),
-            Some(Lookup::Stale(_))
-        ));
+        assert!(matches!(get(&cache, &hash), Some(Lookup::Stale(_))));
     }
 
     #[test]
@@ -602,15 +606,9 @@ mod tests {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let (hash, rec) = record();
         cache.fill(cache.ticket(&hash), hash, None);
-        assert!(matches!(
-            cache.get(&hash, Instant::now()),
-            Some(Lookup::Unknown)
-        ));
+        assert!(matches!(get(&cache, &hash), Some(Lookup::Unknown)));
         cache.fill(cache.ticket(&hash), hash, Some(rec));
-        assert!(matches!(
-            cache.get(&hash, Instant::now()),
-            Some(Lookup::Fresh(_))
-        ));
+        assert!(matches!(get(&cache, &hash), Some(Lookup::Fresh(_))));
     }
 
     #[test]
@@ -622,7 +620,7 @@ mod tests {
         cache.invalidate(&hash);
         let served = cache.fill(ticket, hash, Some(rec));
         assert!(served.is_some(), "the loader still answers its own request");
-        assert!(cache.get(&hash, Instant::now()).is_none());
+        assert!(get(&cache, &hash).is_none());
     }
 
     #[test]
@@ -636,10 +634,7 @@ mod tests {
         let ticket = cache.ticket(&other);
         cache.invalidate(&changed);
         cache.fill(ticket, other, Some(rec));
-        assert!(matches!(
-            cache.get(&other, Instant::now()),
-            Some(Lookup::Fresh(_))
-        ));
+        assert!(matches!(get(&cache, &other), Some(Lookup::Fresh(_))));
     }
 
     #[test]
@@ -649,19 +644,10 @@ mod tests {
         cache.fill(cache.ticket(&a_hash), a_hash, Some(a.clone()));
         cache.fill(cache.ticket(&b), b, None);
         cache.revalidate_all();
-        assert!(matches!(
-            cache.get(&a_hash, Instant::now()),
-            Some(Lookup::Revalidate(_))
-        ));
-        assert!(
-            cache.get(&b, Instant::now()).is_none(),
-            "unknown hashes are forgotten"
-        );
+        assert!(matches!(get(&cache, &a_hash), Some(Lookup::Revalidate(_))));
+        assert!(get(&cache, &b).is_none(), "unknown hashes are forgotten");
         cache.fill(cache.ticket(&a_hash), a_hash, Some(a));
-        assert!(matches!(
-            cache.get(&a_hash, Instant::now()),
-            Some(Lookup::Fresh(_))
-        ));
+        assert!(matches!(get(&cache, &a_hash), Some(Lookup::Fresh(_))));
     }
 
     #[test]
@@ -673,14 +659,8 @@ mod tests {
         cache.forget_unknown(&missing);
         cache.fill(t_found, found, Some(rec));
         cache.fill(t_missing, missing, None);
-        assert!(matches!(
-            cache.get(&found, Instant::now()),
-            Some(Lookup::Fresh(_))
-        ));
-        assert!(
-            cache.get(&missing, Instant::now()).is_none(),
-            "the key may exist now"
-        );
+        assert!(matches!(get(&cache, &found), Some(Lookup::Fresh(_))));
+        assert!(get(&cache, &missing).is_none(), "the key may exist now");
     }
 
     #[test]
@@ -691,11 +671,8 @@ mod tests {
         cache.fill(cache.ticket(&unknown), unknown, None);
         cache.forget_unknown(&known);
         cache.forget_unknown(&unknown);
-        assert!(matches!(
-            cache.get(&known, Instant::now()),
-            Some(Lookup::Fresh(_))
-        ));
-        assert!(cache.get(&unknown, Instant::now()).is_none());
+        assert!(matches!(get(&cache, &known), Some(Lookup::Fresh(_))));
+        assert!(get(&cache, &unknown).is_none());
     }
 
     #[test]
@@ -707,24 +684,15 @@ mod tests {
         cache.fill(cache.ticket(&hash), hash, Some(rec.clone()));
         cache.fill(cache.ticket(&other), other, Some(other_rec));
         cache.invalidate_owner(&rec.owner_id);
-        assert!(matches!(
-            cache.get(&hash, Instant::now()),
-            Some(Lookup::Revalidate(_))
-        ));
-        assert!(matches!(
-            cache.get(&other, Instant::now()),
-            Some(Lookup::Fresh(_))
-        ));
+        assert!(matches!(get(&cache, &hash), Some(Lookup::Revalidate(_))));
+        assert!(matches!(get(&cache, &other), Some(Lookup::Fresh(_))));
         // A fill that read the key while its owner changed is not kept.
         let ticket = cache.ticket(&hash);
         cache.invalidate_owner(&rec.owner_id);
         assert!(cache.fill(ticket, hash, Some(rec.clone())).is_some());
-        assert!(cache.get(&hash, Instant::now()).is_none());
+        assert!(get(&cache, &hash).is_none());
         cache.fill(cache.ticket(&hash), hash, Some(rec));
-        assert!(matches!(
-            cache.get(&hash, Instant::now()),
-            Some(Lookup::Fresh(_))
-        ));
+        assert!(matches!(get(&cache, &hash), Some(Lookup::Fresh(_))));
     }
 
     #[test]
@@ -734,15 +702,9 @@ mod tests {
         cache.fill(cache.ticket(&hash), hash, Some(rec));
         // The first lookup reads moka and fills the front; the second is the
         // front's.
-        assert!(matches!(
-            cache.get(&hash, Instant::now()),
-            Some(Lookup::Fresh(_))
-        ));
+        assert!(matches!(get(&cache, &hash), Some(Lookup::Fresh(_))));
         assert!(cache.front.get(&hash, 0).is_some());
-        assert!(matches!(
-            cache.get(&hash, Instant::now()),
-            Some(Lookup::Fresh(_))
-        ));
+        assert!(matches!(get(&cache, &hash), Some(Lookup::Fresh(_))));
         // A lookup that read moka just before the invalidation puts the
         // old entry back after it: still a miss.
         let old = cache.known.get(&hash).unwrap();
@@ -750,7 +712,7 @@ mod tests {
         assert!(cache.front.get(&hash, 0).is_none());
         cache.front.put(&old);
         assert!(cache.front.get(&hash, 0).is_none());
-        assert!(cache.get(&hash, Instant::now()).is_none());
+        assert!(get(&cache, &hash).is_none());
     }
 
     #[test]
@@ -765,25 +727,22 @@ mod tests {
             .unwrap();
         // Before the invalidation: a lookup that reads the generation and
         // finds the entry in moka, ...
-        let before = cache.generations[shard(&hash)].load(Ordering::SeqCst);
+        let before = cache.generation(&hash);
         // ... or one that does so after its first bump, before the entry
         // leaves moka (by another thread, whose listener has not run).
         cache.bump(&hash);
-        let during = cache.generations[shard(&hash)].load(Ordering::SeqCst);
+        let during = cache.generation(&hash);
         cache.evict_and_close(&hash);
         // Either puts what it found in the front after the invalidation.
         for read_at in [before, during] {
             late.front_generation.fetch_max(read_at, Ordering::AcqRel);
             cache.front.put(&late);
-            assert!(cache.get(&hash, Instant::now()).is_none());
+            assert!(get(&cache, &hash).is_none());
         }
         // Without the invalidation in between it would have answered.
-        let now_at = cache.generations[shard(&hash)].load(Ordering::SeqCst);
+        let now_at = cache.generation(&hash);
         late.front_generation.fetch_max(now_at, Ordering::AcqRel);
-        assert!(matches!(
-            cache.get(&hash, Instant::now()),
-            Some(Lookup::Fresh(_))
-        ));
+        assert!(matches!(get(&cache, &hash), Some(Lookup::Fresh(_))));
     }
 
     #[test]
@@ -791,18 +750,15 @@ mod tests {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let (hash, rec) = record();
         cache.fill(cache.ticket(&hash), hash, Some(rec));
-        assert!(cache.get(&hash, Instant::now()).is_some());
-        let first = cache.generations[shard(&hash)].load(Ordering::SeqCst);
+        assert!(get(&cache, &hash).is_some());
+        let first = cache.generation(&hash);
         assert!(cache.front.get(&hash, first).is_some());
         // Another key of the same shard changes.
         cache.bump(&hash);
-        let after = cache.generations[shard(&hash)].load(Ordering::SeqCst);
+        let after = cache.generation(&hash);
         assert!(cache.front.get(&hash, after).is_none());
         // One lookup through moka puts it back, current.
-        assert!(matches!(
-            cache.get(&hash, Instant::now()),
-            Some(Lookup::Fresh(_))
-        ));
+        assert!(matches!(get(&cache, &hash), Some(Lookup::Fresh(_))));
         assert!(cache.front.get(&hash, after).is_some());
     }
 
@@ -811,7 +767,7 @@ mod tests {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let (hash, rec) = record();
         cache.fill(cache.ticket(&hash), hash, Some(rec.clone()));
-        let Some(Lookup::Fresh(first)) = cache.get(&hash, Instant::now()) else {
+        let Some(Lookup::Fresh(first)) = get(&cache, &hash) else {
             panic!("not cached");
         };
         let changed = Grant {
@@ -819,7 +775,7 @@ mod tests {
             ..rec
         };
         cache.fill(cache.ticket(&hash), hash, Some(changed));
-        let Some(Lookup::Fresh(second)) = cache.get(&hash, Instant::now()) else {
+        let Some(Lookup::Fresh(second)) = get(&cache, &hash) else {
             panic!("not cached");
         };
         assert!(!Arc::ptr_eq(&first, &second));
@@ -865,7 +821,7 @@ mod tests {
             let (hash, _) = record();
             cache.fill(cache.ticket(&hash), hash, Some(heavy()));
             // Looked up once, so that the front points at it.
-            assert!(cache.get(&hash, Instant::now()).is_some());
+            assert!(get(&cache, &hash).is_some());
             hashes.push(hash);
         }
         cache.sync();

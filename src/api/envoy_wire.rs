@@ -597,25 +597,30 @@ where
         let max = self.max_decoding_message_size;
         Box::pin(async move {
             let (parts, body) = req.into_parts();
-            // The request's fields are borrowed from its message, so the
-            // message (at most `max` bytes) lives until the answer is made,
-            // a store read included.
-            let answered = match read_unary(&parts.headers, body, max).await {
-                Ok(message) => match EnvoyRequest::decode(&message, api.wants_host()) {
-                    Ok(request) => api
-                        .check(&parts.headers, &request)
-                        .await
-                        .and_then(Answer::into_frame),
-                    Err(status) => Err(status),
-                },
-                Err(status) => Err(status),
-            };
-            Ok(match answered {
+            Ok(match answer(&api, &parts.headers, body, max).await {
                 Ok(frame) => reply(frame),
                 Err(status) => status.into_http(),
             })
         })
     }
+}
+
+/// Reads one Check call's message, decodes it and answers it. The request's
+/// fields are borrowed from the message, so the message (at most `max`
+/// bytes) lives until the answer is made, a store read included.
+async fn answer<B>(
+    api: &EnvoyApi,
+    headers: &http::HeaderMap,
+    body: B,
+    max: usize,
+) -> Result<Bytes, Status>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let message = read_unary(headers, body, max).await?;
+    let request = EnvoyRequest::decode(&message, api.wants_host())?;
+    api.check(headers, &request).await?.into_frame()
 }
 
 #[cfg(test)]

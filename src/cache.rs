@@ -69,6 +69,7 @@ use std::{
 };
 
 use arc_swap::ArcSwapOption;
+use chrono::{DateTime, Utc};
 use moka::{notification::RemovalCause, sync::Cache};
 
 use crate::{
@@ -141,6 +142,22 @@ pub struct CachedKey {
 const ENVOY_ANSWER_BYTES: usize = 320;
 
 impl CachedKey {
+    /// An entry for `grant`, read when the owner's shard was at `owner_epoch`.
+    fn new(hash: KeyHash, grant: Grant, owner_epoch: u32, loaded_at: Instant) -> Self {
+        Self {
+            owner_shard: owner_shard(&grant.owner_id) as u16,
+            owner_epoch,
+            grant,
+            hash,
+            retired: AtomicBool::new(false),
+            front_generation: AtomicU64::new(0),
+            usage: KeyUsage::default(),
+            loaded_at,
+            envoy_allow: OnceLock::new(),
+            rate: BucketRef::default(),
+        }
+    }
+
     /// Bytes this entry holds, with the cache's own bookkeeping for it
     /// (measured: about 100 bytes per moka entry), counting the Envoy answer
     /// it may build (weights are fixed at insertion).
@@ -354,18 +371,8 @@ impl KeyCache {
         let entry = match found {
             Some(grant) => {
                 let owner = owner_shard(&grant.owner_id);
-                let entry = Arc::new(CachedKey {
-                    owner_shard: owner as u16,
-                    owner_epoch: self.owner_epochs[owner].load(Ordering::Acquire),
-                    grant,
-                    hash,
-                    retired: AtomicBool::new(false),
-                    front_generation: AtomicU64::new(0),
-                    usage: KeyUsage::default(),
-                    loaded_at: Instant::now(),
-                    envoy_allow: OnceLock::new(),
-                    rate: BucketRef::default(),
-                });
+                let epoch = self.owner_epochs[owner].load(Ordering::Acquire);
+                let entry = Arc::new(CachedKey::new(hash, grant, epoch, Instant::now()));
                 self.unknown.invalidate(&hash);
                 self.known.insert(hash, entry.clone());
                 Some(entry)
@@ -415,6 +422,23 @@ impl KeyCache {
     fn evict_and_close(&self, hash: &KeyHash) {
         self.evict(hash);
         self.bump(hash);
+    }
+
+    /// The key was revoked at `revoked_at`. What was cached for it stops
+    /// answering as with [`invalidate`](Self::invalidate); if it was cached,
+    /// it is cached again as revoked (revocation is final), so its next check
+    /// is refused without reading the store. The revoked entry keeps the old
+    /// one's load time and owner epoch: it expires, and is re-read after an
+    /// owner change or a lost notice, exactly when the old one would have been.
+    pub fn revoke(&self, hash: &KeyHash, revoked_at: DateTime<Utc>) {
+        self.bump(hash);
+        let held = self.known.get(hash);
+        self.evict_and_close(hash);
+        let Some(held) = held else { return };
+        let mut grant = held.grant.clone();
+        grant.revoked_at = Some(revoked_at);
+        let revoked = CachedKey::new(*hash, grant, held.owner_epoch, held.loaded_at);
+        self.known.insert(*hash, Arc::new(revoked));
     }
 
     /// A key with this hash was just created: forget that it was unknown
@@ -693,6 +717,60 @@ mod tests {
         assert!(get(&cache, &hash).is_none());
         cache.fill(cache.ticket(&hash), hash, Some(rec));
         assert!(matches!(get(&cache, &hash), Some(Lookup::Fresh(_))));
+    }
+
+    /// The entry a lookup answers with, which must be there.
+    fn entry(lookup: Option<Lookup>) -> Arc<CachedKey> {
+        match lookup {
+            Some(Lookup::Fresh(e) | Lookup::Stale(e) | Lookup::Revalidate(e)) => e,
+            other => panic!("expected a cached entry, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_revoked_key_stays_cached_as_revoked_from_the_front_on() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let (hash, rec) = record();
+        cache.fill(cache.ticket(&hash), hash, Some(rec.clone()));
+        // Twice: the second answers from the front.
+        let before = entry(get(&cache, &hash));
+        assert!(Arc::ptr_eq(&before, &entry(get(&cache, &hash))));
+        let at = DateTime::from_timestamp(1_795_000_000, 0).unwrap();
+        cache.revoke(&hash, at);
+        for _ in 0..2 {
+            let now = entry(get(&cache, &hash));
+            assert!(!Arc::ptr_eq(&before, &now), "the old entry still answers");
+            assert_eq!(now.grant.revoked_at, Some(at));
+            assert_eq!(now.grant.id, rec.id);
+            assert_eq!(now.loaded_at, before.loaded_at);
+        }
+        // A fill that read the store before the revocation is not kept.
+        let (other, other_rec) = record();
+        let ticket = cache.ticket(&other);
+        cache.fill(cache.ticket(&other), other, Some(other_rec.clone()));
+        cache.revoke(&other, at);
+        cache.fill(ticket, other, Some(other_rec));
+        assert!(get(&cache, &other).is_none());
+    }
+
+    #[test]
+    fn a_revoked_key_keeps_its_owners_epoch_and_an_uncached_one_stays_out() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let (hash, rec) = record();
+        let at = DateTime::from_timestamp(1_795_000_000, 0).unwrap();
+        cache.revoke(&hash, at);
+        assert!(get(&cache, &hash).is_none(), "nothing was cached to revoke");
+        cache.fill(cache.ticket(&hash), hash, Some(rec.clone()));
+        // The owner changed after the entry was read: the revoked entry is
+        // re-read before use, as the entry it replaces would have been.
+        cache.invalidate_owner(&rec.owner_id);
+        cache.revoke(&hash, at);
+        let revoked = get(&cache, &hash);
+        assert!(
+            matches!(revoked, Some(Lookup::Revalidate(_))),
+            "{revoked:?}"
+        );
+        assert_eq!(entry(revoked).grant.revoked_at, Some(at));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! other replica's changes.
 //!
 //! A background task holds a `LISTEN keyward_invalidate` connection. Each
-//! notice names a key: changed (evict it), created (add it to the filter,
+//! notice names a key: changed (evict it), revoked (keep it cached as
+//! revoked, so its next check is refused without a database read; cached
+//! only if it was), created (add it to the filter,
 //! forget that it was unknown), or many created at once (reload the filter);
 //! or an owner that changed (its keys are re-read before their next use).
 //!
@@ -97,7 +99,7 @@ impl LagStats {
 
     fn applied(&self, notice: &Notice) {
         let i = match notice {
-            Notice::Changed(_) => 0,
+            Notice::Changed(_) | Notice::Revoked(..) => 0,
             Notice::Inserted(_) => 1,
             Notice::Resync => 2,
             Notice::Owner(_) => 3,
@@ -312,6 +314,18 @@ async fn apply(l: &Listening, what: Notice, at: Option<DateTime<Utc>>) -> Result
                     key = ?hash,
                     revocation_lag_ms = lag_us as f64 / 1000.0,
                     "cache entry invalidated"
+                );
+            }
+        }
+        Notice::Revoked(hash, revoked_at) => {
+            l.cache.revoke(&hash, revoked_at);
+            if let Some(at) = at {
+                let lag_us = (Utc::now() - at).num_microseconds().unwrap_or(i64::MAX);
+                l.lag.observe(lag_us);
+                tracing::info!(
+                    key = ?hash,
+                    revocation_lag_ms = lag_us as f64 / 1000.0,
+                    "cache entry marked revoked"
                 );
             }
         }

@@ -27,6 +27,8 @@ pub struct Invalidation {
 pub enum Notice {
     /// This key changed or went away: evict it.
     Changed(KeyHash),
+    /// This key was revoked at this time (final): refuse it from now on.
+    Revoked(KeyHash, DateTime<Utc>),
     /// This key was just created: add it to the membership filter, forget
     /// that it was unknown.
     Inserted(KeyHash),
@@ -119,7 +121,8 @@ impl Listener {
 }
 
 /// Payloads of the triggers in migrations/: `{"hash": "<hex>", "at_us": n}`
-/// (a change), with `"op": "insert"` (a new key), `{"op": "resync"}`, or
+/// (a change; with `"revoked_at_us": n` when the key is revoked), with
+/// `"op": "insert"` (a new key), `{"op": "resync"}`, or
 /// `{"op": "owner", "owner": "<id>"}`.
 fn parse(payload: &str) -> Option<Invalidation> {
     let v: serde_json::Value = serde_json::from_str(payload).ok()?;
@@ -129,7 +132,15 @@ fn parse(payload: &str) -> Option<Invalidation> {
         .and_then(DateTime::from_timestamp_micros);
     let hash = || v.get("hash")?.as_str().and_then(parse_hash);
     let what = match v.get("op").map(|op| op.as_str()) {
-        None => Notice::Changed(hash()?),
+        // A revocation time that does not read is still a change.
+        None => match v
+            .get("revoked_at_us")
+            .and_then(serde_json::Value::as_i64)
+            .and_then(DateTime::from_timestamp_micros)
+        {
+            Some(revoked_at) => Notice::Revoked(hash()?, revoked_at),
+            None => Notice::Changed(hash()?),
+        },
         Some(Some("insert")) => Notice::Inserted(hash()?),
         Some(Some("resync")) => Notice::Resync,
         Some(Some("owner")) => Notice::Owner(OwnerId::parse(v.get("owner")?.as_str()?).ok()?),
@@ -164,6 +175,19 @@ mod tests {
         let changed = KeyHash::from_slice(&[0xab; 32]).unwrap();
         assert_eq!(n.what, Notice::Changed(changed));
         assert_eq!(n.at.unwrap().timestamp(), 1_795_000_000);
+        let n = parse(&format!(
+            r#"{{"hash": "{hex}", "at_us": 1795000000000000, "revoked_at_us": 1794999999000000}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            n.what,
+            Notice::Revoked(changed, DateTime::from_timestamp(1_794_999_999, 0).unwrap())
+        );
+        let n = parse(&format!(
+            r#"{{"hash": "{hex}", "at_us": 1, "revoked_at_us": "soon"}}"#
+        ))
+        .unwrap();
+        assert_eq!(n.what, Notice::Changed(changed));
         let n = parse(&format!(
             r#"{{"op": "insert", "hash": "{hex}", "at_us": 1}}"#
         ))

@@ -42,6 +42,34 @@ async fn a_revocation_through_one_replica_reaches_another_within_a_second() {
 }
 
 #[tokio::test]
+async fn a_warm_replica_refuses_a_key_revoked_elsewhere_without_reading_the_database() {
+    let a = spawn_app().await;
+    let b = spawn_replica(&a, &[]).await;
+    let minted = a.mint_for("acme").await;
+    let id = minted.key.expect("key").id;
+    assert!(b.check_key(&minted.secret).await.expect("check").allowed);
+    let lookups = b.replica.store().stats().key_lookups();
+
+    a.revoke(&id).await;
+    until_reason(&b, &minted.secret, Reason::Revoked).await;
+    // Twice more: the revoked entry answers from the cache.
+    for _ in 0..2 {
+        let resp = b.check_key(&minted.secret).await.expect("check");
+        assert_eq!(reason(&resp), Reason::Revoked);
+    }
+    assert_eq!(
+        b.replica.store().stats().key_lookups(),
+        lookups,
+        "B read the database to refuse a key the notice said was revoked"
+    );
+    // A replica that never held the key reads it, and refuses it too.
+    let c = spawn_replica(&a, &[]).await;
+    let resp = c.check_key(&minted.secret).await.expect("check");
+    assert_eq!(reason(&resp), Reason::Revoked);
+    assert_eq!(c.replica.store().stats().key_lookups(), 1);
+}
+
+#[tokio::test]
 async fn a_change_made_directly_in_sql_reaches_every_replica() {
     let a = spawn_app().await;
     let b = spawn_replica(&a, &[]).await;

@@ -424,21 +424,29 @@ impl KeyCache {
         self.bump(hash);
     }
 
-    /// The key was revoked at `revoked_at`. What was cached for it stops
-    /// answering as with [`invalidate`](Self::invalidate); if it was cached,
-    /// it is cached again as revoked (revocation is final), so its next check
-    /// is refused without reading the store. The revoked entry keeps the old
-    /// one's load time and owner epoch: it expires, and is re-read after an
-    /// owner change or a lost notice, exactly when the old one would have been.
-    pub fn revoke(&self, hash: &KeyHash, revoked_at: DateTime<Utc>) {
+    /// The key was revoked at `revoked_at`, and nothing else that decides
+    /// changed (`canary` is its flag, the one rule before "revoked"). What
+    /// was cached for it stops answering as with
+    /// [`invalidate`](Self::invalidate); if it was cached, it is cached again
+    /// as revoked (revocation is final), so its next check is refused without
+    /// reading the store. The revoked entry keeps the old one's load time and
+    /// owner epoch: it expires, and is re-read after an owner change or a
+    /// lost notice, exactly when the old one would have been. Like a fill, it
+    /// is not kept if another invalidation of its shard overtook it.
+    pub fn revoke(&self, hash: &KeyHash, revoked_at: DateTime<Utc>, canary: bool) {
         self.bump(hash);
         let held = self.known.get(hash);
         self.evict_and_close(hash);
         let Some(held) = held else { return };
+        let generation = self.generation(hash);
         let mut grant = held.grant.clone();
         grant.revoked_at = Some(revoked_at);
+        grant.canary = canary;
         let revoked = CachedKey::new(*hash, grant, held.owner_epoch, held.loaded_at);
         self.known.insert(*hash, Arc::new(revoked));
+        if self.generation(hash) != generation {
+            self.evict(hash);
+        }
     }
 
     /// A key with this hash was just created: forget that it was unknown
@@ -728,7 +736,7 @@ mod tests {
     }
 
     #[test]
-    fn a_revoked_key_stays_cached_as_revoked_from_the_front_on() {
+    fn a_revoked_key_is_cached_as_revoked_and_answers_from_the_front() {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let (hash, rec) = record();
         cache.fill(cache.ticket(&hash), hash, Some(rec.clone()));
@@ -736,35 +744,47 @@ mod tests {
         let before = entry(get(&cache, &hash));
         assert!(Arc::ptr_eq(&before, &entry(get(&cache, &hash))));
         let at = DateTime::from_timestamp(1_795_000_000, 0).unwrap();
-        cache.revoke(&hash, at);
-        for _ in 0..2 {
-            let now = entry(get(&cache, &hash));
-            assert!(!Arc::ptr_eq(&before, &now), "the old entry still answers");
-            assert_eq!(now.grant.revoked_at, Some(at));
-            assert_eq!(now.grant.id, rec.id);
-            assert_eq!(now.loaded_at, before.loaded_at);
-        }
-        // A fill that read the store before the revocation is not kept.
-        let (other, other_rec) = record();
-        let ticket = cache.ticket(&other);
-        cache.fill(cache.ticket(&other), other, Some(other_rec.clone()));
-        cache.revoke(&other, at);
-        cache.fill(ticket, other, Some(other_rec));
-        assert!(get(&cache, &other).is_none());
+        cache.revoke(&hash, at, false);
+        let revoked = entry(get(&cache, &hash));
+        assert!(
+            !Arc::ptr_eq(&before, &revoked),
+            "the old entry still answers"
+        );
+        assert_eq!(revoked.grant.revoked_at, Some(at));
+        assert!(!revoked.grant.canary);
+        assert_eq!(revoked.grant.id, rec.id);
+        assert_eq!(revoked.loaded_at, before.loaded_at);
+        let front = cache.front.get(&hash, cache.generation(&hash));
+        assert!(
+            front.is_some_and(|f| Arc::ptr_eq(&f, &revoked)),
+            "the revoked entry is not the front's"
+        );
+        // The notice's canary flag wins over the cached one.
+        cache.revoke(&hash, at, true);
+        assert!(entry(get(&cache, &hash)).grant.canary);
     }
 
     #[test]
-    fn a_revoked_key_keeps_its_owners_epoch_and_an_uncached_one_stays_out() {
+    fn a_fill_that_read_the_store_before_a_revocation_is_not_kept() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let (hash, rec) = record();
+        let ticket = cache.ticket(&hash);
+        cache.fill(cache.ticket(&hash), hash, Some(rec.clone()));
+        cache.revoke(&hash, DateTime::from_timestamp(1, 0).unwrap(), false);
+        cache.fill(ticket, hash, Some(rec));
+        assert!(get(&cache, &hash).is_none());
+    }
+
+    #[test]
+    fn a_revoked_key_keeps_its_owners_epoch() {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let (hash, rec) = record();
         let at = DateTime::from_timestamp(1_795_000_000, 0).unwrap();
-        cache.revoke(&hash, at);
-        assert!(get(&cache, &hash).is_none(), "nothing was cached to revoke");
         cache.fill(cache.ticket(&hash), hash, Some(rec.clone()));
         // The owner changed after the entry was read: the revoked entry is
         // re-read before use, as the entry it replaces would have been.
         cache.invalidate_owner(&rec.owner_id);
-        cache.revoke(&hash, at);
+        cache.revoke(&hash, at, false);
         let revoked = get(&cache, &hash);
         assert!(
             matches!(revoked, Some(Lookup::Revalidate(_))),

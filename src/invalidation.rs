@@ -99,7 +99,7 @@ impl LagStats {
 
     fn applied(&self, notice: &Notice) {
         let i = match notice {
-            Notice::Changed(_) | Notice::Revoked(..) => 0,
+            Notice::Changed(_) | Notice::Revoked { .. } => 0,
             Notice::Inserted(_) => 1,
             Notice::Resync => 2,
             Notice::Owner(_) => 3,
@@ -317,8 +317,12 @@ async fn apply(l: &Listening, what: Notice, at: Option<DateTime<Utc>>) -> Result
                 );
             }
         }
-        Notice::Revoked(hash, revoked_at) => {
-            l.cache.revoke(&hash, revoked_at);
+        Notice::Revoked {
+            hash,
+            at: revoked_at,
+            canary,
+        } => {
+            l.cache.revoke(&hash, revoked_at, canary);
             if let Some(at) = at {
                 let lag_us = (Utc::now() - at).num_microseconds().unwrap_or(i64::MAX);
                 l.lag.observe(lag_us);

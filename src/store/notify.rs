@@ -27,8 +27,14 @@ pub struct Invalidation {
 pub enum Notice {
     /// This key changed or went away: evict it.
     Changed(KeyHash),
-    /// This key was revoked at this time (final): refuse it from now on.
-    Revoked(KeyHash, DateTime<Utc>),
+    /// This key was revoked (final), and nothing else that decides changed:
+    /// refuse it from now on. `canary`: the key's flag (the one rule before
+    /// "revoked").
+    Revoked {
+        hash: KeyHash,
+        at: DateTime<Utc>,
+        canary: bool,
+    },
     /// This key was just created: add it to the membership filter, forget
     /// that it was unknown.
     Inserted(KeyHash),
@@ -121,7 +127,8 @@ impl Listener {
 }
 
 /// Payloads of the triggers in migrations/: `{"hash": "<hex>", "at_us": n}`
-/// (a change; with `"revoked_at_us": n` when the key is revoked), with
+/// (a change; with `"revoked_at_us": n, "canary": b` when it revoked the
+/// key and changed nothing else that decides), with
 /// `"op": "insert"` (a new key), `{"op": "resync"}`, or
 /// `{"op": "owner", "owner": "<id>"}`.
 fn parse(payload: &str) -> Option<Invalidation> {
@@ -132,15 +139,22 @@ fn parse(payload: &str) -> Option<Invalidation> {
         .and_then(DateTime::from_timestamp_micros);
     let hash = || v.get("hash")?.as_str().and_then(parse_hash);
     let what = match v.get("op").map(|op| op.as_str()) {
-        // A revocation time that does not read is still a change.
-        None => match v
-            .get("revoked_at_us")
-            .and_then(serde_json::Value::as_i64)
-            .and_then(DateTime::from_timestamp_micros)
-        {
-            Some(revoked_at) => Notice::Revoked(hash()?, revoked_at),
-            None => Notice::Changed(hash()?),
-        },
+        // A revocation whose fields do not read is still a change.
+        None => {
+            let revoked_at = v
+                .get("revoked_at_us")
+                .and_then(serde_json::Value::as_i64)
+                .and_then(DateTime::from_timestamp_micros);
+            let canary = v.get("canary").and_then(serde_json::Value::as_bool);
+            match (revoked_at, canary) {
+                (Some(at), Some(canary)) => Notice::Revoked {
+                    hash: hash()?,
+                    at,
+                    canary,
+                },
+                _ => Notice::Changed(hash()?),
+            }
+        }
         Some(Some("insert")) => Notice::Inserted(hash()?),
         Some(Some("resync")) => Notice::Resync,
         Some(Some("owner")) => Notice::Owner(OwnerId::parse(v.get("owner")?.as_str()?).ok()?),
@@ -176,18 +190,26 @@ mod tests {
         assert_eq!(n.what, Notice::Changed(changed));
         assert_eq!(n.at.unwrap().timestamp(), 1_795_000_000);
         let n = parse(&format!(
-            r#"{{"hash": "{hex}", "at_us": 1795000000000000, "revoked_at_us": 1794999999000000}}"#
+            r#"{{"hash": "{hex}", "at_us": 1795000000000000, "revoked_at_us": 1794999999000000, "canary": true}}"#
         ))
         .unwrap();
         assert_eq!(
             n.what,
-            Notice::Revoked(changed, DateTime::from_timestamp(1_794_999_999, 0).unwrap())
+            Notice::Revoked {
+                hash: changed,
+                at: DateTime::from_timestamp(1_794_999_999, 0).unwrap(),
+                canary: true,
+            }
         );
-        let n = parse(&format!(
-            r#"{{"hash": "{hex}", "at_us": 1, "revoked_at_us": "soon"}}"#
-        ))
-        .unwrap();
-        assert_eq!(n.what, Notice::Changed(changed));
+        // Fields that do not read, or a missing one: a plain change.
+        for extra in [
+            r#""revoked_at_us": "soon", "canary": false"#,
+            r#""revoked_at_us": 1"#,
+            r#""revoked_at_us": 1, "canary": "no""#,
+        ] {
+            let n = parse(&format!(r#"{{"hash": "{hex}", "at_us": 1, {extra}}}"#)).unwrap();
+            assert_eq!(n.what, Notice::Changed(changed), "{extra}");
+        }
         let n = parse(&format!(
             r#"{{"op": "insert", "hash": "{hex}", "at_us": 1}}"#
         ))

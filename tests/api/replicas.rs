@@ -70,6 +70,36 @@ async fn a_warm_replica_refuses_a_key_revoked_elsewhere_without_reading_the_data
 }
 
 #[tokio::test]
+async fn any_other_change_to_a_revoked_key_evicts_it_from_a_warm_replica() {
+    let a = spawn_app().await;
+    let b = spawn_replica(&a, &[]).await;
+    let (first, second) = (a.mint_for("acme").await, a.mint_for("acme").await);
+    for minted in [&first, &second] {
+        assert!(b.check_key(&minted.secret).await.expect("check").allowed);
+    }
+    let id = |m: &keyward::pb::MintResponse| m.key.clone().expect("key").id;
+
+    // Revoked, then made a canary by hand: B must not keep answering from
+    // its revoked copy of the old row (a canary is refused as unknown).
+    a.revoke(&id(&first)).await;
+    until_reason(&b, &first.secret, Reason::Revoked).await;
+    sqlx::query("UPDATE keys SET canary = true WHERE id = $1::uuid")
+        .bind(id(&first))
+        .execute(&a.db)
+        .await
+        .expect("update");
+    until_reason(&b, &first.secret, Reason::UnknownKey).await;
+
+    // Both in one statement: not a revocation notice either.
+    sqlx::query("UPDATE keys SET revoked_at = now(), canary = true WHERE id = $1::uuid")
+        .bind(id(&second))
+        .execute(&a.db)
+        .await
+        .expect("update");
+    until_reason(&b, &second.secret, Reason::UnknownKey).await;
+}
+
+#[tokio::test]
 async fn a_change_made_directly_in_sql_reaches_every_replica() {
     let a = spawn_app().await;
     let b = spawn_replica(&a, &[]).await;

@@ -14,28 +14,23 @@ CREATE OR REPLACE FUNCTION keys_notify_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     at_us bigint := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
-    revoked_at_us bigint;
+    bookkeeping text[] := ARRAY['last_used_at', 'changed_at'];
+    revocation text[] := ARRAY['revoked_at', 'revoked_reason'];
+    payload jsonb;
 BEGIN
     IF TG_OP = 'UPDATE'
        AND (to_jsonb(OLD) - 'last_used_at') = (to_jsonb(NEW) - 'last_used_at') THEN
         RETURN NULL;
     END IF;
-    IF TG_OP = 'UPDATE' THEN
-        IF NEW.revoked_at IS NOT NULL
-           AND (to_jsonb(OLD) - 'last_used_at' - 'changed_at' - 'revoked_at' - 'revoked_reason')
-             = (to_jsonb(NEW) - 'last_used_at' - 'changed_at' - 'revoked_at' - 'revoked_reason') THEN
-            revoked_at_us := (extract(epoch FROM NEW.revoked_at) * 1000000)::bigint;
-        END IF;
+    payload := jsonb_build_object('hash', encode(OLD.hash, 'hex'), 'at_us', at_us);
+    IF TG_OP = 'UPDATE' AND NEW.revoked_at IS NOT NULL
+       AND (to_jsonb(OLD) - bookkeeping - revocation)
+         = (to_jsonb(NEW) - bookkeeping - revocation) THEN
+        payload := payload || jsonb_build_object(
+            'revoked_at_us', (extract(epoch FROM NEW.revoked_at) * 1000000)::bigint,
+            'canary', NEW.canary);
     END IF;
-    IF revoked_at_us IS NULL THEN
-        PERFORM pg_notify('keyward_invalidate',
-            json_build_object('hash', encode(OLD.hash, 'hex'), 'at_us', at_us)::text);
-    ELSE
-        PERFORM pg_notify('keyward_invalidate',
-            json_build_object('hash', encode(OLD.hash, 'hex'), 'at_us', at_us,
-                              'revoked_at_us', revoked_at_us,
-                              'canary', NEW.canary)::text);
-    END IF;
+    PERFORM pg_notify('keyward_invalidate', payload::text);
     IF TG_OP = 'UPDATE' AND NEW.hash <> OLD.hash THEN
         PERFORM pg_notify('keyward_invalidate',
             json_build_object('hash', encode(NEW.hash, 'hex'), 'at_us', at_us)::text);

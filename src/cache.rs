@@ -142,10 +142,16 @@ pub struct CachedKey {
 const ENVOY_ANSWER_BYTES: usize = 320;
 
 impl CachedKey {
-    /// An entry for `grant`, read when the owner's shard was at `owner_epoch`.
-    fn new(hash: KeyHash, grant: Grant, owner_epoch: u32, loaded_at: Instant) -> Self {
+    /// An entry for `grant`, read when its owner's shard (`owner_shard`)
+    /// was at `owner_epoch`.
+    fn new(
+        hash: KeyHash,
+        grant: Grant,
+        (owner_shard, owner_epoch): (u16, u32),
+        loaded_at: Instant,
+    ) -> Self {
         Self {
-            owner_shard: owner_shard(&grant.owner_id) as u16,
+            owner_shard,
             owner_epoch,
             grant,
             hash,
@@ -372,7 +378,12 @@ impl KeyCache {
             Some(grant) => {
                 let owner = owner_shard(&grant.owner_id);
                 let epoch = self.owner_epochs[owner].load(Ordering::Acquire);
-                let entry = Arc::new(CachedKey::new(hash, grant, epoch, Instant::now()));
+                let entry = Arc::new(CachedKey::new(
+                    hash,
+                    grant,
+                    (owner as u16, epoch),
+                    Instant::now(),
+                ));
                 self.unknown.invalidate(&hash);
                 self.known.insert(hash, entry.clone());
                 Some(entry)
@@ -442,7 +453,8 @@ impl KeyCache {
         let mut grant = held.grant.clone();
         grant.revoked_at = Some(revoked_at);
         grant.canary = canary;
-        let revoked = CachedKey::new(*hash, grant, held.owner_epoch, held.loaded_at);
+        let owner = (held.owner_shard, held.owner_epoch);
+        let revoked = CachedKey::new(*hash, grant, owner, held.loaded_at);
         self.known.insert(*hash, Arc::new(revoked));
         if self.generation(hash) != generation {
             self.evict(hash);

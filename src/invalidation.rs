@@ -36,6 +36,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::{
     cache::KeyCache,
     filter::KeyFilter,
+    key::KeyHash,
     limits::credits::CreditBook,
     metrics::{Histogram, SLOW_BUCKETS},
     store::{Heard, Listener, Notice, Store, StoreError},
@@ -118,6 +119,20 @@ impl LagStats {
 
     pub fn max(&self) -> Duration {
         micros(self.max_us.load(Ordering::Relaxed))
+    }
+
+    /// A change to `hash`, made at `at` (database clock), reached this
+    /// replica's cache now: records and logs how long that took.
+    fn reached(&self, hash: &KeyHash, at: Option<DateTime<Utc>>, revoked: bool) {
+        let Some(at) = at else { return };
+        let lag_us = (Utc::now() - at).num_microseconds().unwrap_or(i64::MAX);
+        self.observe(lag_us);
+        tracing::info!(
+            key = ?hash,
+            revoked,
+            revocation_lag_ms = lag_us as f64 / 1000.0,
+            "cache entry invalidated"
+        );
     }
 
     fn observe(&self, lag_us: i64) {
@@ -307,15 +322,7 @@ async fn apply(l: &Listening, what: Notice, at: Option<DateTime<Utc>>) -> Result
     match what {
         Notice::Changed(hash) => {
             l.cache.invalidate(&hash);
-            if let Some(at) = at {
-                let lag_us = (Utc::now() - at).num_microseconds().unwrap_or(i64::MAX);
-                l.lag.observe(lag_us);
-                tracing::info!(
-                    key = ?hash,
-                    revocation_lag_ms = lag_us as f64 / 1000.0,
-                    "cache entry invalidated"
-                );
-            }
+            l.lag.reached(&hash, at, false);
         }
         Notice::Revoked {
             hash,
@@ -323,15 +330,7 @@ async fn apply(l: &Listening, what: Notice, at: Option<DateTime<Utc>>) -> Result
             canary,
         } => {
             l.cache.revoke(&hash, revoked_at, canary);
-            if let Some(at) = at {
-                let lag_us = (Utc::now() - at).num_microseconds().unwrap_or(i64::MAX);
-                l.lag.observe(lag_us);
-                tracing::info!(
-                    key = ?hash,
-                    revocation_lag_ms = lag_us as f64 / 1000.0,
-                    "cache entry marked revoked"
-                );
-            }
+            l.lag.reached(&hash, at, true);
         }
         Notice::Inserted(hash) => {
             l.filter.insert(&hash);

@@ -47,7 +47,7 @@ async fn a_warm_replica_refuses_a_key_revoked_elsewhere_without_reading_the_data
     let b = spawn_replica(&a, &[]).await;
     let minted = a.mint_for("acme").await;
     let id = minted.key.expect("key").id;
-    assert!(b.check_key(&minted.secret).await.expect("check").allowed);
+    warm(&b, &[&minted.secret]).await;
     let lookups = b.replica.store().stats().key_lookups();
 
     a.revoke(&id).await;
@@ -74,9 +74,7 @@ async fn any_other_change_to_a_revoked_key_evicts_it_from_a_warm_replica() {
     let a = spawn_app().await;
     let b = spawn_replica(&a, &[]).await;
     let (first, second) = (a.mint_for("acme").await, a.mint_for("acme").await);
-    for minted in [&first, &second] {
-        assert!(b.check_key(&minted.secret).await.expect("check").allowed);
-    }
+    warm(&b, &[&first.secret, &second.secret]).await;
     let id = |m: &keyward::pb::MintResponse| m.key.clone().expect("key").id;
 
     // Revoked, then made a canary by hand: B must not keep answering from

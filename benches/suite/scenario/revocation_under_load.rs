@@ -144,13 +144,15 @@ pub async fn run(suite: &mut Suite, ctx: &Ctx) {
     let (idle_keys, loaded_keys) = minted.split_at(keys_per_phase);
 
     drop(b);
-    let idle = watch_on_own_thread(
-        replica_a.addr,
-        ctx.kw.addr,
-        ctx.admin_key.clone(),
-        idle_keys.to_vec(),
-    )
-    .await;
+    let watch = |keys: &[(String, String)]| {
+        watch_on_own_thread(
+            replica_a.addr,
+            ctx.kw.addr,
+            ctx.admin_key.clone(),
+            keys.to_vec(),
+        )
+    };
+    let idle = watch(idle_keys).await;
 
     // B's top cache-hit rate, then half of it while keys are revoked.
     let hot = ctx.hot_frames(Door::Envoy);
@@ -181,13 +183,7 @@ pub async fn run(suite: &mut Suite, ctx: &Ctx) {
     ));
     tokio::time::sleep(args.warmup).await;
     let started = Instant::now();
-    let loaded = watch_on_own_thread(
-        replica_a.addr,
-        ctx.kw.addr,
-        ctx.admin_key.clone(),
-        loaded_keys.to_vec(),
-    )
-    .await;
+    let loaded = watch(loaded_keys).await;
     let watched = started.elapsed();
     assert!(
         !load.is_finished(),

@@ -62,7 +62,7 @@
 use std::{
     cell::Cell,
     sync::{
-        Arc, OnceLock,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -75,6 +75,7 @@ use moka::{notification::RemovalCause, sync::Cache};
 use crate::{
     key::{Grant, KeyHash, KeyId, OwnerId},
     limits::rate::{BucketCell, BucketRef},
+    sync::lock,
     usage::{KeyUsage, Used},
 };
 
@@ -221,6 +222,11 @@ pub struct KeyCache {
     /// ...and creations of keys (spoil only fills that found nothing: a
     /// fill that found the new key is right).
     creations: Arc<[AtomicU64]>,
+    /// Held while a revocation replaces an entry: the replica that took the
+    /// Revoke and its own notice of it revoke the same key at about the
+    /// same moment, and one must find the other's revoked entry, not
+    /// undo it.
+    revoking: Arc<Mutex<()>>,
     origin: Instant,
     /// Entries loaded before `origin` + this many nanoseconds must be re-read
     /// before use; 0: none.
@@ -282,6 +288,7 @@ impl KeyCache {
             hard: settings.ttl.saturating_add(settings.stale_if_error),
             generations: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             creations: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
+            revoking: Arc::new(Mutex::new(())),
             origin: Instant::now(),
             revalidate_before: Arc::new(AtomicU64::new(0)),
             owner_epochs: (0..OWNER_SHARDS).map(|_| AtomicU32::new(0)).collect(),
@@ -443,10 +450,18 @@ impl KeyCache {
     /// reading the store. The revoked entry keeps the old one's load time and
     /// owner epoch: it expires, and is re-read after an owner change or a
     /// lost notice, exactly when the old one would have been. Like a fill, it
-    /// is not kept if another invalidation of its shard overtook it.
+    /// is not kept if another invalidation of its shard overtook it. An
+    /// entry already revoked (with the same canary flag) is left as it is.
     pub fn revoke(&self, hash: &KeyHash, revoked_at: DateTime<Utc>, canary: bool) {
-        self.bump(hash);
+        let _one_at_a_time = lock(&self.revoking);
         let held = self.known.get(hash);
+        if held
+            .as_ref()
+            .is_some_and(|h| h.grant.revoked_at.is_some() && h.grant.canary == canary)
+        {
+            return;
+        }
+        self.bump(hash);
         self.evict_and_close(hash);
         let Some(held) = held else { return };
         let generation = self.generation(hash);
@@ -771,6 +786,9 @@ mod tests {
             front.is_some_and(|f| Arc::ptr_eq(&f, &revoked)),
             "the revoked entry is not the front's"
         );
+        // Revoked again (this replica's Revoke, then its notice): left as is.
+        cache.revoke(&hash, at, false);
+        assert!(Arc::ptr_eq(&revoked, &entry(get(&cache, &hash))));
         // The notice's canary flag wins over the cached one.
         cache.revoke(&hash, at, true);
         assert!(entry(get(&cache, &hash)).grant.canary);

@@ -820,6 +820,16 @@ impl Checker {
         self.inner.cache.invalidate(hash);
     }
 
+    /// A key this replica just revoked (`record`, as the store returned it):
+    /// if cached, it stays cached as revoked, as on every other replica when
+    /// the notice arrives. A record that is not revoked is re-read instead.
+    pub fn revoked(&self, record: &crate::key::KeyRecord) {
+        match record.revoked_at {
+            Some(at) => self.inner.cache.revoke(&record.hash, at, record.canary),
+            None => self.inner.cache.invalidate(&record.hash),
+        }
+    }
+
     /// An owner this replica just changed: its keys are re-read before use.
     pub fn invalidate_owner(&self, owner: &OwnerId) {
         self.inner.cache.invalidate_owner(owner);

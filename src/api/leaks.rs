@@ -64,7 +64,7 @@ impl LeakApi {
             .await
         {
             Ok(record) => {
-                checker.invalidate(&record.hash);
+                checker.revoked(&record);
                 tracing::warn!(
                     key_id = %record.id,
                     owner_id = %record.owner_id,

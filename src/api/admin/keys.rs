@@ -185,7 +185,7 @@ impl AdminApi {
             )
             .await
             .map_err(key_not_found)?;
-        self.checker.invalidate(&record.hash);
+        self.checker.revoked(&record);
         tracing::info!(key_id = %record.id, owner_id = %record.owner_id, "key revoked");
         Ok(pb::RevokeResponse {
             key: Some(api_key(&record, Utc::now())),

@@ -17,7 +17,10 @@
 //! stale record back after the eviction. Every invalidation therefore bumps a
 //! generation counter *before* evicting, and a loader re-reads the counter
 //! *after* inserting and evicts its own insert if it changed. Either the
-//! loader sees the bump, or the eviction comes after its insert. Counters are
+//! loader sees the bump, or the eviction comes after its insert. Until the
+//! loader has re-read the counter its insert answers no other lookup (they
+//! read the store too), so an overtaken fill is never served, not even in
+//! the instant before its eviction. Counters are
 //! kept per shard of hashes (1,024 of them), so a change to one key spoils
 //! only the fills in flight for keys of its shard, not every fill on every
 //! replica: a tenant toggling a key cannot keep caches from filling.
@@ -119,6 +122,10 @@ pub struct CachedKey {
     hash: KeyHash,
     /// Set when moka let go of it: the front must not answer with it.
     retired: AtomicBool,
+    /// Set once whoever put it in moka found that no invalidation had
+    /// overtaken what it read (see [`KeyCache::fill`]); until then it is in
+    /// moka but answers no lookup.
+    kept: AtomicBool,
     /// The highest shard generation read before a moka lookup that found
     /// it: the front answers with it only while that is the current one.
     front_generation: AtomicU64,
@@ -157,6 +164,7 @@ impl CachedKey {
             grant,
             hash,
             retired: AtomicBool::new(false),
+            kept: AtomicBool::new(false),
             front_generation: AtomicU64::new(0),
             usage: KeyUsage::default(),
             loaded_at,
@@ -309,13 +317,16 @@ impl KeyCache {
                 entry
             }
             None => match self.known.get(hash) {
-                Some(entry) => {
+                Some(entry) if entry.kept.load(Ordering::Acquire) => {
                     entry
                         .front_generation
                         .fetch_max(generation, Ordering::AcqRel);
                     self.front.put(&entry);
                     entry
                 }
+                // Still being filled: it may be what an invalidation has
+                // just overtaken, so this lookup reads the store too.
+                Some(_) => return None,
                 None => return self.unknown.get(hash).map(|()| Lookup::Unknown),
             },
         };
@@ -374,14 +385,26 @@ impl KeyCache {
 
     /// Caches what the store said, unless an invalidation overtook the read,
     /// and returns the entry to answer with.
+    ///
+    /// The entry is in moka before the generation is read again (so that
+    /// an invalidation after that read evicts it), and answers other
+    /// lookups only once that read found no invalidation in between: an
+    /// overtaken fill is evicted without ever answering anyone but its own
+    /// check, even for the instant between its insert and its eviction.
     pub fn fill(
         &self,
         ticket: Ticket,
         hash: KeyHash,
         found: Option<Grant>,
     ) -> Option<Arc<CachedKey>> {
-        let found_nothing = found.is_none();
-        let entry = match found {
+        let entry = self.insert_unsettled(hash, found);
+        self.settle(ticket, &hash, entry.as_ref());
+        entry
+    }
+
+    /// [`fill`](Self::fill)'s insert: the entry is in moka, not yet kept.
+    fn insert_unsettled(&self, hash: KeyHash, found: Option<Grant>) -> Option<Arc<CachedKey>> {
+        match found {
             Some(grant) => {
                 let owner = owner_shard(&grant.owner_id);
                 let epoch = self.owner_epochs[owner].load(Ordering::Acquire);
@@ -400,15 +423,21 @@ impl KeyCache {
                 self.unknown.insert(hash, ());
                 None
             }
-        };
+        }
+    }
+
+    /// The rest of [`fill`](Self::fill): evicts what it inserted if an
+    /// invalidation overtook the read, else lets it answer.
+    fn settle(&self, ticket: Ticket, hash: &KeyHash, entry: Option<&Arc<CachedKey>>) {
         if self.generations[ticket.shard].load(Ordering::SeqCst) != ticket.generation
             || self.owner_changes.load(Ordering::SeqCst) != ticket.owner_changes
-            || (found_nothing
+            || (entry.is_none()
                 && self.creations[ticket.shard].load(Ordering::SeqCst) != ticket.creations)
         {
-            self.evict(&hash);
+            self.evict(hash);
+        } else if let Some(entry) = entry {
+            entry.kept.store(true, Ordering::Release);
         }
-        entry
     }
 
     /// The owner changed (suspended, resumed, new defaults): every cached
@@ -454,7 +483,12 @@ impl KeyCache {
     /// entry already revoked (with the same canary flag) is left as it is.
     pub fn revoke(&self, hash: &KeyHash, revoked_at: DateTime<Utc>, canary: bool) {
         let _one_at_a_time = lock(&self.revoking);
-        let held = self.known.get(hash);
+        // An entry still being filled is not copied: it may be what this
+        // revocation overtakes.
+        let held = self
+            .known
+            .get(hash)
+            .filter(|h| h.kept.load(Ordering::Acquire));
         if held
             .as_ref()
             .is_some_and(|h| h.grant.revoked_at.is_some() && h.grant.canary == canary)
@@ -469,10 +503,12 @@ impl KeyCache {
         grant.revoked_at = Some(revoked_at);
         grant.canary = canary;
         let owner = (held.owner_shard, held.owner_epoch);
-        let revoked = CachedKey::new(*hash, grant, owner, held.loaded_at);
-        self.known.insert(*hash, Arc::new(revoked));
+        let revoked = Arc::new(CachedKey::new(*hash, grant, owner, held.loaded_at));
+        self.known.insert(*hash, revoked.clone());
         if self.generation(hash) != generation {
             self.evict(hash);
+        } else {
+            revoked.kept.store(true, Ordering::Release);
         }
     }
 
@@ -680,6 +716,30 @@ mod tests {
         let served = cache.fill(ticket, hash, Some(rec));
         assert!(served.is_some(), "the loader still answers its own request");
         assert!(get(&cache, &hash).is_none());
+    }
+
+    #[test]
+    fn a_fill_answers_other_lookups_only_once_it_is_known_not_overtaken() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let (hash, rec) = record();
+        // The store was read (stale), the key was revoked elsewhere, and
+        // the fill's insert lands: between it and the fill's second look at
+        // the generation, another thread's lookup must not answer with it,
+        // nor a revocation copy it.
+        let ticket = cache.ticket(&hash);
+        cache.invalidate(&hash);
+        let stale = cache.insert_unsettled(hash, Some(rec.clone()));
+        assert!(get(&cache, &hash).is_none());
+        cache.revoke(&hash, DateTime::from_timestamp(1, 0).unwrap(), false);
+        assert!(get(&cache, &hash).is_none());
+        cache.settle(ticket, &hash, stale.as_ref());
+        assert!(get(&cache, &hash).is_none());
+        // A fill nothing overtook answers from its settling on.
+        let ticket = cache.ticket(&hash);
+        let fresh = cache.insert_unsettled(hash, Some(rec));
+        assert!(get(&cache, &hash).is_none());
+        cache.settle(ticket, &hash, fresh.as_ref());
+        assert!(matches!(get(&cache, &hash), Some(Lookup::Fresh(_))));
     }
 
     #[test]

@@ -246,7 +246,9 @@ pub struct KeyCache {
 }
 
 /// Taken before a miss is loaded; hands the loaded answer to the cache.
-#[derive(Debug, Clone, Copy)]
+/// Two tickets of one hash are equal when nothing that spoils a fill
+/// happened between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket {
     shard: usize,
     generation: u64,
@@ -723,16 +725,19 @@ mod tests {
         let cache = KeyCache::new(&settings(Duration::from_secs(60)));
         let (hash, rec) = record();
         // The store was read (stale), the key was revoked elsewhere, and
-        // the fill's insert lands: between it and the fill's second look at
-        // the generation, another thread's lookup must not answer with it,
-        // nor a revocation copy it.
+        // the fill's insert lands: until the fill's second look at the
+        // generation, another thread's lookup must not answer with it; after
+        // it, it is gone.
         let ticket = cache.ticket(&hash);
         cache.invalidate(&hash);
         let stale = cache.insert_unsettled(hash, Some(rec.clone()));
         assert!(get(&cache, &hash).is_none());
-        cache.revoke(&hash, DateTime::from_timestamp(1, 0).unwrap(), false);
-        assert!(get(&cache, &hash).is_none());
         cache.settle(ticket, &hash, stale.as_ref());
+        assert!(get(&cache, &hash).is_none());
+        // A revocation that finds a fill not yet settled does not copy it.
+        let unsettled = cache.insert_unsettled(hash, Some(rec.clone()));
+        assert!(unsettled.is_some());
+        cache.revoke(&hash, DateTime::from_timestamp(1, 0).unwrap(), false);
         assert!(get(&cache, &hash).is_none());
         // A fill nothing overtook answers from its settling on.
         let ticket = cache.ticket(&hash);

@@ -287,6 +287,63 @@ impl Limiting {
     }
 }
 
+/// Store reads in flight, one per hash.
+#[derive(Debug, Default)]
+struct Flights(Mutex<HashMap<KeyHash, Flight>>);
+
+#[derive(Debug)]
+struct Flight {
+    /// The cache's ticket for the hash when the read began.
+    ticket: Ticket,
+    loaded: watch::Receiver<Option<Loaded>>,
+}
+
+/// What [`Flights::join`] found.
+#[derive(Debug)]
+enum Joined {
+    /// A read is in flight: wait for what it loads.
+    Waiting(watch::Receiver<Option<Loaded>>),
+    /// None that may be joined: read, and send what was loaded.
+    Started(
+        watch::Sender<Option<Loaded>>,
+        watch::Receiver<Option<Loaded>>,
+    ),
+}
+
+impl Flights {
+    fn contains(&self, hash: &KeyHash) -> bool {
+        lock(&self.0).contains_key(hash)
+    }
+
+    /// The read of `hash` in flight, if it began at `ticket` (the cache's
+    /// ticket now), else a new read in its place. A read that began before
+    /// an invalidation (of its shard, an owner, or a creation) that this
+    /// caller has already seen may bring back what the invalidation
+    /// removed, such as a key revoked while the read was on its way: its
+    /// own fill is not kept, and a check that began after the revocation
+    /// must not be answered with it either.
+    fn join(&self, hash: KeyHash, ticket: Ticket) -> Joined {
+        let mut flights = lock(&self.0);
+        if let Some(flight) = flights.get(&hash).filter(|f| f.ticket == ticket) {
+            return Joined::Waiting(flight.loaded.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        let loaded = rx.clone();
+        flights.insert(hash, Flight { ticket, loaded });
+        Joined::Started(tx, rx)
+    }
+
+    /// The read of `hash` that began at `ticket` is done: it is no longer
+    /// joined, unless a later read took its place (tickets only grow, so no
+    /// later read has the same one).
+    fn land(&self, hash: &KeyHash, ticket: Ticket) {
+        let mut flights = lock(&self.0);
+        if flights.get(hash).is_some_and(|f| f.ticket == ticket) {
+            flights.remove(hash);
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Checker {
     inner: Arc<Inner>,
@@ -300,7 +357,7 @@ struct Inner {
     usage: Arc<UsageRecorder>,
     /// One store read per hash at a time: misses and revalidations of the
     /// same key wait for the read in flight.
-    flights: Mutex<HashMap<KeyHash, watch::Receiver<Option<Loaded>>>>,
+    flights: Flights,
     throttle: SourceThrottle,
     unknown_budget: Budget,
     /// Background re-reads of stale entries allowed at once.
@@ -337,7 +394,7 @@ impl Checker {
                 filter,
                 store,
                 usage,
-                flights: Mutex::default(),
+                flights: Flights::default(),
                 throttle: SourceThrottle::new(settings.throttle),
                 unknown_budget: Budget::new(
                     settings.unknown_lookups_per_second,
@@ -572,29 +629,27 @@ impl Checker {
         });
     }
 
-    /// The store read in flight for `hash`, or a new one. The read runs in
-    /// its own task, so it completes (and fills the cache) even when every
-    /// caller waiting for it gave up.
     fn in_flight(&self, hash: &KeyHash) -> bool {
-        lock(&self.inner.flights).contains_key(hash)
+        self.inner.flights.contains(hash)
     }
 
+    /// The store read in flight for `hash`, or a new one (see
+    /// [`Flights::join`]). The read runs in its own task, so it completes
+    /// (and fills the cache) even when every caller waiting for it gave up.
     fn flight(&self, hash: KeyHash) -> watch::Receiver<Option<Loaded>> {
-        let mut flights = lock(&self.inner.flights);
-        if let Some(rx) = flights.get(&hash) {
-            return rx.clone();
-        }
-        let (tx, rx) = watch::channel(None);
-        flights.insert(hash, rx.clone());
-        drop(flights);
+        let ticket = self.inner.cache.ticket(&hash);
+        let (tx, rx) = match self.inner.flights.join(hash, ticket) {
+            Joined::Waiting(rx) => return rx,
+            Joined::Started(tx, rx) => (tx, rx),
+        };
         let this = self.clone();
         // The read runs in its own task: it gets the span of the (traced)
         // check that started it, if any.
         let span = crate::telemetry::store_span("find_grant");
         let read = async move {
-            let loaded = this.read(hash).await;
+            let loaded = this.read(hash, ticket).await;
             let _ = tx.send(Some(loaded));
-            lock(&this.inner.flights).remove(&hash);
+            this.inner.flights.land(&hash, ticket);
         };
         if span.is_none() {
             tokio::spawn(read);
@@ -605,9 +660,10 @@ impl Checker {
         rx
     }
 
-    async fn read(&self, hash: KeyHash) -> Loaded {
+    /// Reads the store for `hash` and fills the cache with what it found,
+    /// unless an invalidation since `ticket` overtook the read.
+    async fn read(&self, hash: KeyHash, ticket: Ticket) -> Loaded {
         let inner = &*self.inner;
-        let ticket = inner.cache.ticket(&hash);
         let started = Instant::now();
         let found = inner.store.find_grant(&hash).await;
         inner.stats.lookup_duration.observe(started.elapsed());
@@ -912,6 +968,47 @@ mod tests {
 
     fn key() -> ApiKey {
         ApiKey::generate(&KeyPrefix::parse("kw_test").unwrap())
+    }
+
+    #[test]
+    fn a_miss_waits_only_for_a_read_that_began_after_every_invalidation_it_has_seen() {
+        let cache = KeyCache::new(&crate::cache::CacheSettings {
+            max_bytes: 1 << 20,
+            ttl: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(60),
+            negative_capacity: 100,
+            negative_ttl: Duration::from_secs(60),
+        });
+        let flights = Flights::default();
+        let hash = key().hash();
+        let first = cache.ticket(&hash);
+        assert!(matches!(flights.join(hash, first), Joined::Started(..)));
+        // Nothing changed: a second miss waits for the read in flight.
+        assert!(matches!(
+            flights.join(hash, cache.ticket(&hash)),
+            Joined::Waiting(_)
+        ));
+        // The key is revoked here while that read is on its way: a check
+        // after it reads again rather than take what the read brings.
+        cache.invalidate(&hash);
+        let second = cache.ticket(&hash);
+        assert!(matches!(flights.join(hash, second), Joined::Started(..)));
+        assert!(matches!(flights.join(hash, second), Joined::Waiting(_)));
+        // The first read landing does not end the second; the second's does.
+        flights.land(&hash, first);
+        assert!(flights.contains(&hash));
+        assert!(matches!(flights.join(hash, second), Joined::Waiting(_)));
+        flights.land(&hash, second);
+        assert!(!flights.contains(&hash));
+        // An owner's change counts as well.
+        cache.invalidate_owner(&OwnerId::parse("acme").unwrap());
+        let third = cache.ticket(&hash);
+        assert!(matches!(flights.join(hash, third), Joined::Started(..)));
+        cache.invalidate_owner(&OwnerId::parse("acme").unwrap());
+        assert!(matches!(
+            flights.join(hash, cache.ticket(&hash)),
+            Joined::Started(..)
+        ));
     }
 
     #[test]

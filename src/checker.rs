@@ -315,16 +315,17 @@ impl Flights {
         lock(&self.0).contains_key(hash)
     }
 
-    /// The read of `hash` in flight, if it began at `ticket` (the cache's
-    /// ticket now), else a new read in its place. A read that began before
-    /// an invalidation (of its shard, an owner, or a creation) that this
-    /// caller has already seen may bring back what the invalidation
-    /// removed, such as a key revoked while the read was on its way: its
-    /// own fill is not kept, and a check that began after the revocation
-    /// must not be answered with it either.
+    /// The read of `hash` in flight, if it began after everything the
+    /// caller's `ticket` (the cache's ticket when it looked) has seen, else
+    /// a new read in its place. A read that began before an invalidation
+    /// (of its shard, an owner, or a creation) that this caller has already
+    /// seen may bring back what the invalidation removed, such as a key
+    /// revoked while the read was on its way: its own fill is not kept, and
+    /// a check that began after the revocation must not be answered with it
+    /// either.
     fn join(&self, hash: KeyHash, ticket: Ticket) -> Joined {
         let mut flights = lock(&self.0);
-        if let Some(flight) = flights.get(&hash).filter(|f| f.ticket == ticket) {
+        if let Some(flight) = flights.get(&hash).filter(|f| f.ticket.covers(&ticket)) {
             return Joined::Waiting(flight.loaded.clone());
         }
         let (tx, rx) = watch::channel(None);
@@ -334,13 +335,27 @@ impl Flights {
     }
 
     /// The read of `hash` that began at `ticket` is done: it is no longer
-    /// joined, unless a later read took its place (tickets only grow, so no
-    /// later read has the same one).
+    /// joined, unless a later read took its place (a read replaces one only
+    /// with a ticket the other does not cover, so never with an equal one).
     fn land(&self, hash: &KeyHash, ticket: Ticket) {
         let mut flights = lock(&self.0);
         if flights.get(hash).is_some_and(|f| f.ticket == ticket) {
             flights.remove(hash);
         }
+    }
+}
+
+/// Takes a read out of [`Flights`] when dropped, after it sent its result
+/// (or panicked, and its waiters saw the sender go).
+struct Landing<'a> {
+    checker: &'a Checker,
+    hash: KeyHash,
+    ticket: Ticket,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        self.checker.inner.flights.land(&self.hash, self.ticket);
     }
 }
 
@@ -647,9 +662,15 @@ impl Checker {
         // check that started it, if any.
         let span = crate::telemetry::store_span("find_grant");
         let read = async move {
+            // Lands however the read ends: a panic in it must not leave a
+            // dead read for later checks to join.
+            let _landing = Landing {
+                checker: &this,
+                hash,
+                ticket,
+            };
             let loaded = this.read(hash, ticket).await;
             let _ = tx.send(Some(loaded));
-            this.inner.flights.land(&hash, ticket);
         };
         if span.is_none() {
             tokio::spawn(read);
@@ -998,13 +1019,18 @@ mod tests {
         flights.land(&hash, first);
         assert!(flights.contains(&hash));
         assert!(matches!(flights.join(hash, second), Joined::Waiting(_)));
+        // A check that looked before the invalidation and joins only now
+        // waits for the later read: it began after everything it had seen.
+        assert!(matches!(flights.join(hash, first), Joined::Waiting(_)));
         flights.land(&hash, second);
         assert!(!flights.contains(&hash));
-        // An owner's change counts as well.
-        cache.invalidate_owner(&OwnerId::parse("acme").unwrap());
+        // An owner's change, and a key created in the shard, count as well.
         let third = cache.ticket(&hash);
         assert!(matches!(flights.join(hash, third), Joined::Started(..)));
         cache.invalidate_owner(&OwnerId::parse("acme").unwrap());
+        let fourth = cache.ticket(&hash);
+        assert!(matches!(flights.join(hash, fourth), Joined::Started(..)));
+        cache.forget_unknown(&hash);
         assert!(matches!(
             flights.join(hash, cache.ticket(&hash)),
             Joined::Started(..)

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use keyward::pb::Reason;
+use keyward::pb::{self, Reason};
 use tonic::Code;
 
 use crate::helpers::{TestApp, db, eventually, never_minted, reason, spawn_app, spawn_replica};
@@ -312,6 +312,61 @@ async fn a_warm_replica_rides_out_a_database_outage_within_stale_if_error() {
     );
     a.revoke(&id).await;
     until_reason(&b, &minted.secret, Reason::Revoked).await;
+}
+
+#[tokio::test]
+async fn a_replica_that_heard_of_a_suspension_does_not_ride_out_an_outage_on_the_owners_old_entries()
+ {
+    let a = spawn_app().await;
+    let b = spawn_replica(
+        &a,
+        &["--stale-if-error", "60s", "--db-acquire-timeout", "300ms"],
+    )
+    .await;
+    let minted = a.mint_for("acme").await;
+    warm(&b, &[&minted.secret]).await;
+    let owner_notices = || {
+        b.replica
+            .revocation_lag()
+            .by_op()
+            .find(|(op, _)| *op == "owner")
+            .map_or(0, |(_, n)| n)
+    };
+    let before = owner_notices();
+    crate::lifecycle::set_owner_state(&a, "acme", pb::owner::State::Suspended, "unpaid").await;
+    eventually(Duration::from_secs(5), || async {
+        (owner_notices() > before).then_some(())
+    })
+    .await
+    .expect("B heard of the owner's change");
+    // (The notice is counted just before it is applied.)
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // The database goes away before B checks the key again. B's entry was
+    // read while the owner was active and is well within stale_if_error,
+    // but B knows the owner changed since: it cannot decide.
+    allow_connections(&a, false).await;
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(a.database_name())
+        .execute(&mut db::maintenance().await)
+        .await
+        .expect("terminate connections");
+    let err = b
+        .check_key(&minted.secret)
+        .await
+        .expect_err("answered from the entry read before the suspension");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    allow_connections(&a, true).await;
+    let refused = eventually(Duration::from_secs(10), || async {
+        let resp = b.check_key(&minted.secret).await.ok()?;
+        (reason(&resp) == Reason::OwnerInactive).then_some(())
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "B refuses the key once the database is back"
+    );
 }
 
 #[tokio::test]

@@ -214,6 +214,10 @@ pub enum Lookup {
     /// Loaded before the listener lost notices: re-read it before answering;
     /// it may answer only if the store cannot be reached.
     Revalidate(Arc<CachedKey>),
+    /// A known key whose owner changed (suspended, perhaps) since it was
+    /// read: re-read it, and answer nothing from what is held, not even
+    /// while the store cannot be reached.
+    Reread,
     Unknown,
 }
 
@@ -352,10 +356,8 @@ impl KeyCache {
         if self.owner_epochs[usize::from(entry.owner_shard)].load(Ordering::Acquire)
             != entry.owner_epoch
         {
-            // The owner changed (suspended, perhaps) since this was read:
-            // what it says of the owner is known to be out of date, so it
-            // answers nothing, not even while the store cannot be reached.
-            return None;
+            // What it says of the owner is known to be out of date.
+            return Some(Lookup::Reread);
         }
         if self.marked(&entry) {
             return Some(Lookup::Revalidate(entry));
@@ -827,7 +829,7 @@ mod tests {
         // Its keys answer nothing until re-read, not even while the store
         // cannot be reached (the change may be a suspension).
         cache.invalidate_owner(&rec.owner_id);
-        assert!(get(&cache, &hash).is_none());
+        assert!(matches!(get(&cache, &hash), Some(Lookup::Reread)));
         assert!(matches!(get(&cache, &other), Some(Lookup::Fresh(_))));
         // A fill that read the key while its owner changed is not kept.
         let ticket = cache.ticket(&hash);
@@ -901,7 +903,7 @@ mod tests {
         cache.revoke(&hash, at, false);
         let held = cache.known.get(&hash).expect("the revoked entry is held");
         assert_eq!(held.grant.revoked_at, Some(at));
-        assert!(get(&cache, &hash).is_none());
+        assert!(matches!(get(&cache, &hash), Some(Lookup::Reread)));
     }
 
     #[test]

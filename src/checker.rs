@@ -335,8 +335,10 @@ impl Flights {
     }
 
     /// The read of `hash` that began at `ticket` is done: it is no longer
-    /// joined, unless a later read took its place (a read replaces one only
-    /// with a ticket the other does not cover, so never with an equal one).
+    /// joined, unless a later read with another ticket took its place. (A
+    /// read replaces one only with a ticket the other does not cover; racing
+    /// misses may still leave a later read with an equal ticket, which this
+    /// then removes: the next miss only reads again.)
     fn land(&self, hash: &KeyHash, ticket: Ticket) {
         let mut flights = lock(&self.0);
         if flights.get(hash).is_some_and(|f| f.ticket == ticket) {
@@ -574,6 +576,12 @@ impl Checker {
             Some(Lookup::Revalidate(entry)) => {
                 inner.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
                 return Cached::Miss(hash, Some(entry));
+            }
+            // A key this replica holds: read without asking the membership
+            // filter, which may not know a key cached by a budgeted lookup.
+            Some(Lookup::Reread) => {
+                inner.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+                return Cached::Miss(hash, None);
             }
             Some(Lookup::Unknown) => {
                 inner.stats.negative_hits.fetch_add(1, Ordering::Relaxed);

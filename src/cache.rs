@@ -447,8 +447,9 @@ impl KeyCache {
         }
     }
 
-    /// The rest of [`fill`](Self::fill): evicts what it inserted if an
-    /// invalidation overtook the read, else lets it answer.
+    /// The rest of [`fill`](Self::fill) (and of a revocation's insert):
+    /// evicts what it inserted if an invalidation overtook the read, else
+    /// lets it answer.
     fn settle(&self, ticket: Ticket, hash: &KeyHash, entry: Option<&Arc<CachedKey>>) {
         if self.generations[ticket.shard].load(Ordering::SeqCst) != ticket.generation
             || self.owner_changes.load(Ordering::SeqCst) != ticket.owner_changes
@@ -519,18 +520,14 @@ impl KeyCache {
         self.bump(hash);
         self.evict_and_close(hash);
         let Some(held) = held else { return };
-        let generation = self.generation(hash);
+        let ticket = self.ticket(hash);
         let mut grant = held.grant.clone();
         grant.revoked_at = Some(revoked_at);
         grant.canary = canary;
         let owner = (held.owner_shard, held.owner_epoch);
         let revoked = Arc::new(CachedKey::new(*hash, grant, owner, held.loaded_at));
         self.known.insert(*hash, revoked.clone());
-        if self.generation(hash) != generation {
-            self.evict(hash);
-        } else {
-            revoked.kept.store(true, Ordering::Release);
-        }
+        self.settle(ticket, hash, Some(&revoked));
     }
 
     /// A key with this hash was just created: forget that it was unknown

@@ -133,18 +133,17 @@ impl Listener {
 /// `{"op": "owner", "owner": "<id>"}`.
 fn parse(payload: &str) -> Option<Invalidation> {
     let v: serde_json::Value = serde_json::from_str(payload).ok()?;
-    let at = v
-        .get("at_us")
-        .and_then(serde_json::Value::as_i64)
-        .and_then(DateTime::from_timestamp_micros);
+    let micros = |field: &str| {
+        v.get(field)
+            .and_then(serde_json::Value::as_i64)
+            .and_then(DateTime::from_timestamp_micros)
+    };
+    let at = micros("at_us");
     let hash = || v.get("hash")?.as_str().and_then(parse_hash);
     let what = match v.get("op").map(|op| op.as_str()) {
         // A revocation whose fields do not read is still a change.
         None => {
-            let revoked_at = v
-                .get("revoked_at_us")
-                .and_then(serde_json::Value::as_i64)
-                .and_then(DateTime::from_timestamp_micros);
+            let revoked_at = micros("revoked_at_us");
             let canary = v.get("canary").and_then(serde_json::Value::as_bool);
             match (revoked_at, canary) {
                 (Some(at), Some(canary)) => Notice::Revoked {

@@ -81,19 +81,11 @@ async fn any_other_change_to_a_revoked_key_evicts_it_from_a_warm_replica() {
     // its revoked copy of the old row (a canary is refused as unknown).
     a.revoke(&id(&first)).await;
     until_reason(&b, &first.secret, Reason::Revoked).await;
-    sqlx::query("UPDATE keys SET canary = true WHERE id = $1::uuid")
-        .bind(id(&first))
-        .execute(&a.db)
-        .await
-        .expect("update");
+    update_by_hand(&a, "canary = true", id(&first)).await;
     until_reason(&b, &first.secret, Reason::UnknownKey).await;
 
     // Both in one statement: not a revocation notice either.
-    sqlx::query("UPDATE keys SET revoked_at = now(), canary = true WHERE id = $1::uuid")
-        .bind(id(&second))
-        .execute(&a.db)
-        .await
-        .expect("update");
+    update_by_hand(&a, "revoked_at = now(), canary = true", id(&second)).await;
     until_reason(&b, &second.secret, Reason::UnknownKey).await;
 }
 
@@ -113,15 +105,22 @@ async fn a_change_made_directly_in_sql_reaches_every_replica() {
     }
 
     // An operator disables the key by hand: the trigger still notifies.
-    sqlx::query("UPDATE keys SET disabled_at = now() WHERE id = $1::uuid")
-        .bind(minted.key.expect("key").id)
-        .execute(&a.db)
-        .await
-        .expect("update");
+    update_by_hand(&a, "disabled_at = now()", minted.key.expect("key").id).await;
 
     for replica in [&a, &b] {
         until_reason(replica, &minted.secret, Reason::Disabled).await;
     }
+}
+
+/// `UPDATE keys SET <set> WHERE id = <id>`, as an operator would by hand.
+async fn update_by_hand(app: &TestApp, set: &str, id: String) {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE keys SET {set} WHERE id = $1::uuid"
+    )))
+    .bind(id)
+    .execute(&app.db)
+    .await
+    .expect("update");
 }
 
 /// Caches `keys` on `replica`.
@@ -154,6 +153,17 @@ async fn allow_connections(app: &TestApp, allow: bool) {
     .execute(&mut db::maintenance().await)
     .await
     .expect("alter database");
+}
+
+/// The outage: `app`'s database refuses connections and drops the ones it
+/// has.
+async fn close_database(app: &TestApp) {
+    allow_connections(app, false).await;
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(app.database_name())
+        .execute(&mut db::maintenance().await)
+        .await
+        .expect("terminate connections");
 }
 
 #[tokio::test]
@@ -243,20 +253,7 @@ async fn a_warm_replica_rides_out_a_database_outage_within_stale_if_error() {
     let loaded = Instant::now();
     assert!(b.check_key(&minted.secret).await.expect("check").allowed);
 
-    // The outage: the database refuses connections and drops the ones it has.
-    let db = a.database_name().to_owned();
-    let mut su = db::maintenance().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        r#"ALTER DATABASE "{db}" ALLOW_CONNECTIONS false"#
-    )))
-    .execute(&mut su)
-    .await
-    .expect("close database");
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&db)
-        .execute(&mut su)
-        .await
-        .expect("terminate connections");
+    close_database(&a).await;
 
     // A key B has not cached cannot be decided: UNAVAILABLE, never an allow.
     let err = b
@@ -290,12 +287,7 @@ async fn a_warm_replica_rides_out_a_database_outage_within_stale_if_error() {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
     // The database comes back: checks and revocations work without a restart.
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        r#"ALTER DATABASE "{db}" ALLOW_CONNECTIONS true"#
-    )))
-    .execute(&mut su)
-    .await
-    .expect("reopen database");
+    allow_connections(&a, true).await;
     let recovered = eventually(Duration::from_secs(10), || async {
         b.check_key(&minted.secret).await.ok().filter(|r| r.allowed)
     })
@@ -345,12 +337,7 @@ async fn a_replica_that_heard_of_a_suspension_does_not_ride_out_an_outage_on_the
     // The database goes away before B checks the key again. B's entry was
     // read while the owner was active and is well within stale_if_error,
     // but B knows the owner changed since: it cannot decide.
-    allow_connections(&a, false).await;
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(a.database_name())
-        .execute(&mut db::maintenance().await)
-        .await
-        .expect("terminate connections");
+    close_database(&a).await;
     let err = b
         .check_key(&minted.secret)
         .await

@@ -73,7 +73,7 @@ use std::{
 
 use arc_swap::ArcSwapOption;
 use chrono::{DateTime, Utc};
-use moka::{notification::RemovalCause, sync::Cache};
+use moka::{notification::RemovalCause, ops::compute::Op, sync::Cache};
 
 use crate::{
     key::{Grant, KeyHash, KeyId, OwnerId},
@@ -350,7 +350,7 @@ impl KeyCache {
         };
         let age = now.saturating_duration_since(entry.loaded_at);
         if age >= self.hard {
-            self.known.invalidate(hash);
+            self.remove_if_held(hash, &entry);
             return None;
         }
         if self.owner_epochs[usize::from(entry.owner_shard)].load(Ordering::Acquire)
@@ -450,16 +450,37 @@ impl KeyCache {
     /// The rest of [`fill`](Self::fill) (and of a revocation's insert):
     /// evicts what it inserted if an invalidation overtook the read, else
     /// lets it answer.
+    ///
+    /// Only its own insert: what has replaced it in moka since came from a
+    /// later fill (or revocation), which settles on its own ticket, and the
+    /// overtaking invalidation evicts whatever it finds itself.
     fn settle(&self, ticket: Ticket, hash: &KeyHash, entry: Option<&Arc<CachedKey>>) {
-        if self.generations[ticket.shard].load(Ordering::SeqCst) != ticket.generation
+        let overtaken = self.generations[ticket.shard].load(Ordering::SeqCst) != ticket.generation
             || self.owner_changes.load(Ordering::SeqCst) != ticket.owner_changes
             || (entry.is_none()
-                && self.creations[ticket.shard].load(Ordering::SeqCst) != ticket.creations)
-        {
-            self.evict(hash);
-        } else if let Some(entry) = entry {
-            entry.kept.store(true, Ordering::Release);
+                && self.creations[ticket.shard].load(Ordering::SeqCst) != ticket.creations);
+        match entry {
+            Some(entry) if overtaken => self.remove_if_held(hash, entry),
+            Some(entry) => entry.kept.store(true, Ordering::Release),
+            // An "unknown" marker cannot be told from a later fill's; taking
+            // that one too costs a read.
+            None if overtaken => self.unknown.invalidate(hash),
+            None => {}
         }
+    }
+
+    /// Takes `entry` out of moka if moka still holds it for `hash`, and
+    /// leaves a newer entry for the hash alone. (moka runs this against
+    /// other such calls one at a time, not against a plain insert: one that
+    /// lands between the look and the removal is removed too, which costs
+    /// its key one store read, never a wrong answer.)
+    fn remove_if_held(&self, hash: &KeyHash, entry: &Arc<CachedKey>) {
+        self.known
+            .entry_by_ref(hash)
+            .and_compute_with(|held| match held {
+                Some(held) if Arc::ptr_eq(held.value(), entry) => Op::Remove,
+                _ => Op::Nop,
+            });
     }
 
     /// The owner changed (suspended, resumed, new defaults): every cached
@@ -761,6 +782,48 @@ mod tests {
         assert!(get(&cache, &hash).is_none());
         cache.settle(ticket, &hash, fresh.as_ref());
         assert!(matches!(get(&cache, &hash), Some(Lookup::Fresh(_))));
+    }
+
+    #[test]
+    fn an_overtaken_fill_takes_out_only_its_own_insert() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let (hash, rec) = record();
+        // A read begins, the key changes, a read after the change fills and
+        // is kept, and only then does the first read's insert settle.
+        let before = cache.ticket(&hash);
+        let stale = cache.insert_unsettled(hash, Some(rec.clone()));
+        cache.invalidate(&hash);
+        let newer = cache.fill(cache.ticket(&hash), hash, Some(rec.clone()));
+        cache.settle(before, &hash, stale.as_ref());
+        let Some(Lookup::Fresh(served)) = get(&cache, &hash) else {
+            panic!("the later read's entry was taken out with the overtaken one");
+        };
+        assert!(Arc::ptr_eq(&served, newer.as_ref().unwrap()));
+        // The same order with the overtaken insert still in moka: it goes.
+        let before = cache.ticket(&hash);
+        cache.invalidate(&hash);
+        let stale = cache.insert_unsettled(hash, Some(rec));
+        cache.settle(before, &hash, stale.as_ref());
+        assert!(get(&cache, &hash).is_none());
+        cache.sync();
+        assert_eq!(cache.known_len(), 0);
+    }
+
+    #[test]
+    fn an_expired_entry_is_removed_only_while_it_is_the_one_held() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let (hash, rec) = record();
+        let old = cache
+            .fill(cache.ticket(&hash), hash, Some(rec.clone()))
+            .unwrap();
+        let newer = cache.fill(cache.ticket(&hash), hash, Some(rec)).unwrap();
+        cache.remove_if_held(&hash, &old);
+        let Some(Lookup::Fresh(served)) = get(&cache, &hash) else {
+            panic!("removing a replaced entry removed its successor");
+        };
+        assert!(Arc::ptr_eq(&served, &newer));
+        cache.remove_if_held(&hash, &newer);
+        assert!(get(&cache, &hash).is_none());
     }
 
     #[test]

@@ -639,7 +639,11 @@ impl Checker {
     /// Re-reads a stale entry while it keeps answering, unless as many
     /// re-reads as `background_refreshes` are running already: then the next
     /// check of the key tries again. Re-reads never take every check
-    /// connection from misses, whose callers are waiting.
+    /// connection from misses, whose callers are waiting. Out of line: the
+    /// hit path keeps its instructions together (BENCHMARKS.md, "The hot
+    /// path's code").
+    #[cold]
+    #[inline(never)]
     fn refresh_in_background(&self, hash: KeyHash) {
         let Ok(permit) = self.inner.refreshes.clone().try_acquire_owned() else {
             return;

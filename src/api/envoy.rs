@@ -126,12 +126,7 @@ impl EnvoyApi {
                 }
                 Ok(answer)
             }
-            Err(err) => {
-                if let Some(door) = door {
-                    door.failed(check_error(&err), started.elapsed());
-                }
-                Err(undecided_status(err))
-            }
+            Err(err) => Err(undecided(door, err, started)),
         }
     }
 
@@ -148,10 +143,7 @@ impl EnvoyApi {
         {
             let framed = match entry.envoy_allow.get() {
                 Some(framed) => framed,
-                None => {
-                    let framed = frame(&respond(outcome, &self.options, RateHeaders::Policy))?;
-                    entry.envoy_allow.get_or_init(|| framed)
-                }
+                None => self.encode_allow(outcome, &entry.envoy_allow)?,
             };
             let limits = outcome.declared_limits().filter(|l| !l.windows.is_empty());
             let (Some(limits), Some(report)) = (limits, &outcome.limits) else {
@@ -163,11 +155,26 @@ impl EnvoyApi {
                 return Ok(Answer::Framed(frame));
             }
         }
-        Ok(Answer::Message(Box::new(respond(
-            outcome,
-            &self.options,
-            RateHeaders::All,
-        ))))
+        Ok(self.message(outcome))
+    }
+
+    /// A key's allow answer, encoded on its first use and kept in `cell`.
+    #[cold]
+    #[inline(never)]
+    fn encode_allow<'a>(
+        &self,
+        outcome: &Outcome,
+        cell: &'a std::sync::OnceLock<Bytes>,
+    ) -> Result<&'a Bytes, Status> {
+        let framed = frame(&respond(outcome, &self.options, RateHeaders::Policy))?;
+        Ok(cell.get_or_init(|| framed))
+    }
+
+    /// An answer built for this check (a denial, an allow with a rate limit
+    /// report): out of the cached allow's way.
+    #[inline(never)]
+    fn message(&self, outcome: &Outcome) -> Answer {
+        Answer::Message(Box::new(respond(outcome, &self.options, RateHeaders::All)))
     }
 
     async fn decide(&self, req: &EnvoyRequest<'_>, at: Instant) -> Result<Outcome, Undecided> {
@@ -220,6 +227,16 @@ impl EnvoyApi {
         record_outcome(&outcome);
         Ok(outcome)
     }
+}
+
+/// A check that could not be decided: counted, and its status.
+#[cold]
+#[inline(never)]
+fn undecided(door: Option<&crate::metrics::DoorStats>, err: Undecided, started: Instant) -> Status {
+    if let Some(door) = door {
+        door.failed(check_error(&err), started.elapsed());
+    }
+    undecided_status(err)
 }
 
 /// Finds the credential in the headers Envoy forwarded.

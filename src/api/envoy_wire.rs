@@ -76,6 +76,8 @@ struct Reader<'a> {
 struct Malformed(&'static str);
 
 impl From<Malformed> for Status {
+    #[cold]
+    #[inline(never)]
     fn from(Malformed(what): Malformed) -> Self {
         Status::invalid_argument(format!("malformed CheckRequest: {what}"))
     }
@@ -344,7 +346,7 @@ pub enum Answer {
 pub const PREFIX: usize = 5;
 
 fn prefix(buf: &mut BytesMut, len: usize) -> Result<(), Status> {
-    let len = u32::try_from(len).map_err(|_| Status::internal("the answer is too large"))?;
+    let len = u32::try_from(len).map_err(|_| internal("the answer is too large"))?;
     buf.put_u8(0);
     buf.put_u32(len);
     Ok(())
@@ -355,9 +357,7 @@ pub fn frame(message: &CheckResponse) -> Result<Bytes, Status> {
     let len = message.encoded_len();
     let mut buf = BytesMut::with_capacity(PREFIX + len);
     prefix(&mut buf, len)?;
-    message
-        .encode(&mut buf)
-        .map_err(|e| Status::internal(format!("cannot encode the answer: {e}")))?;
+    message.encode(&mut buf).map_err(|e| cannot_encode(&e))?;
     Ok(buf.freeze())
 }
 
@@ -423,10 +423,7 @@ where
     if let Some(encoding) = headers.get("grpc-encoding")
         && encoding.as_bytes() != b"identity"
     {
-        return Err(Status::unimplemented(format!(
-            "Content is compressed with `{}` which isn't supported",
-            String::from_utf8_lossy(encoding.as_bytes())
-        )));
+        return Err(compressed(encoding));
     }
     let mut body = std::pin::pin!(body);
     let mut pending: Option<Pending> = None;
@@ -435,7 +432,7 @@ where
         let Some(frame) = body.as_mut().frame().await else {
             break;
         };
-        let frame = frame.map_err(|e| Status::from_error(e.into()))?;
+        let frame = frame.map_err(|e| body_error(e.into()))?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers: nothing to read
         };
@@ -450,8 +447,8 @@ where
     }
     match (message, pending.is_some()) {
         (Some(message), _) => Ok(message),
-        (None, true) => Err(Status::internal("Unexpected EOF decoding stream.")),
-        (None, false) => Err(Status::internal("Missing request message.")),
+        (None, true) => Err(internal("Unexpected EOF decoding stream.")),
+        (None, false) => Err(internal("Missing request message.")),
     }
 }
 
@@ -503,23 +500,71 @@ fn whole_message(buf: &[u8], max: usize) -> Result<Option<std::ops::Range<usize>
     match head[0] {
         0 => {}
         1 => {
-            return Err(Status::internal(
+            return Err(internal(
                 "protocol error: received message with compressed-flag but no grpc-encoding was specified",
             ));
         }
-        flag => {
-            return Err(Status::internal(format!(
-                "protocol error: received message with invalid compression flag: {flag} (valid flags are 0 and 1) while receiving request"
-            )));
-        }
+        flag => return Err(bad_flag(flag)),
     }
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
     if len > max {
-        return Err(Status::resource_exhausted(format!(
-            "Error, decoded message length too large: found {len} bytes, the limit is: {max} bytes"
-        )));
+        return Err(too_large(len, max));
     }
     Ok((buf.len() >= PREFIX + len).then_some(PREFIX..PREFIX + len))
+}
+
+// A call's errors, each built out of line: the hot path (a request read,
+// a cached allow sent) then keeps its instructions together, where
+// building a `Status` and formatting its message inline spread it over
+// more instruction-cache lines (BENCHMARKS.md, "The hot path's code").
+
+#[cold]
+#[inline(never)]
+fn internal(message: &'static str) -> Status {
+    Status::internal(message)
+}
+
+#[cold]
+#[inline(never)]
+fn cannot_encode(err: &prost::EncodeError) -> Status {
+    Status::internal(format!("cannot encode the answer: {err}"))
+}
+
+#[cold]
+#[inline(never)]
+fn compressed(encoding: &http::HeaderValue) -> Status {
+    Status::unimplemented(format!(
+        "Content is compressed with `{}` which isn't supported",
+        String::from_utf8_lossy(encoding.as_bytes())
+    ))
+}
+
+#[cold]
+#[inline(never)]
+fn body_error(err: Box<dyn std::error::Error + Send + Sync>) -> Status {
+    Status::from_error(err)
+}
+
+#[cold]
+#[inline(never)]
+fn bad_flag(flag: u8) -> Status {
+    Status::internal(format!(
+        "protocol error: received message with invalid compression flag: {flag} (valid flags are 0 and 1) while receiving request"
+    ))
+}
+
+#[cold]
+#[inline(never)]
+fn too_large(len: usize, max: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "Error, decoded message length too large: found {len} bytes, the limit is: {max} bytes"
+    ))
+}
+
+#[cold]
+#[inline(never)]
+fn error_reply(status: Status) -> http::Response<Body> {
+    status.into_http()
 }
 
 /// A unary gRPC response's body: the message frame, then `grpc-status: 0`
@@ -599,7 +644,7 @@ where
             let (parts, body) = req.into_parts();
             Ok(match answer(&api, &parts.headers, body, max).await {
                 Ok(frame) => reply(frame),
-                Err(status) => status.into_http(),
+                Err(status) => error_reply(status),
             })
         })
     }

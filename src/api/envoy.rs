@@ -170,8 +170,8 @@ impl EnvoyApi {
         Ok(cell.get_or_init(|| framed))
     }
 
-    /// An answer built for this check (a denial, an allow with a rate limit
-    /// report): out of the cached allow's way.
+    /// An answer built for this check (a denial, or an allow that cannot be
+    /// sent from its cached frame): out of the cached allow's way.
     #[inline(never)]
     fn message(&self, outcome: &Outcome) -> Answer {
         Answer::Message(Box::new(respond(outcome, &self.options, RateHeaders::All)))

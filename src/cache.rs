@@ -526,6 +526,20 @@ impl KeyCache {
     /// entry already revoked (with the same canary flag) is left as it is.
     pub fn revoke(&self, hash: &KeyHash, revoked_at: DateTime<Utc>, canary: bool) {
         let _one_at_a_time = lock(&self.revoking);
+        if let Some((ticket, revoked)) = self.revoked_copy(hash, revoked_at, canary) {
+            self.keep_revoked(ticket, revoked);
+        }
+    }
+
+    /// [`revoke`](Self::revoke) up to its insert: what was cached stops
+    /// answering; if a kept entry was cached, its revoked copy comes back,
+    /// with the ticket read after the eviction that the copy is kept on.
+    fn revoked_copy(
+        &self,
+        hash: &KeyHash,
+        revoked_at: DateTime<Utc>,
+        canary: bool,
+    ) -> Option<(Ticket, Arc<CachedKey>)> {
         // An entry still being filled is not copied: it may be what this
         // revocation overtakes.
         let held = self
@@ -536,19 +550,26 @@ impl KeyCache {
             .as_ref()
             .is_some_and(|h| h.grant.revoked_at.is_some() && h.grant.canary == canary)
         {
-            return;
+            return None;
         }
         self.bump(hash);
         self.evict_and_close(hash);
-        let Some(held) = held else { return };
+        let held = held?;
         let ticket = self.ticket(hash);
         let mut grant = held.grant.clone();
         grant.revoked_at = Some(revoked_at);
         grant.canary = canary;
         let owner = (held.owner_shard, held.owner_epoch);
         let revoked = Arc::new(CachedKey::new(*hash, grant, owner, held.loaded_at));
-        self.known.insert(*hash, revoked.clone());
-        self.settle(ticket, hash, Some(&revoked));
+        Some((ticket, revoked))
+    }
+
+    /// The rest of [`revoke`](Self::revoke): the copy is inserted, and kept
+    /// only if nothing invalidated its key after the ticket was read.
+    fn keep_revoked(&self, ticket: Ticket, revoked: Arc<CachedKey>) {
+        let hash = revoked.hash;
+        self.known.insert(hash, revoked.clone());
+        self.settle(ticket, &hash, Some(&revoked));
     }
 
     /// A key with this hash was just created: forget that it was unknown
@@ -938,6 +959,29 @@ mod tests {
         // The notice's canary flag wins over the cached one.
         cache.revoke(&hash, at, true);
         assert!(entry(get(&cache, &hash)).grant.canary);
+    }
+
+    #[test]
+    fn a_revocations_copy_is_kept_only_if_no_other_change_came_between() {
+        let cache = KeyCache::new(&settings(Duration::from_secs(60)));
+        let (hash, rec) = record();
+        let at = DateTime::from_timestamp(1_795_000_000, 0).unwrap();
+        // Another change to the key is applied after the revocation evicted
+        // the old entry and read its ticket, before the copy is inserted:
+        // the copy does not outlive it.
+        cache.fill(cache.ticket(&hash), hash, Some(rec.clone()));
+        let (ticket, copy) = cache.revoked_copy(&hash, at, false).unwrap();
+        assert!(get(&cache, &hash).is_none());
+        cache.invalidate(&hash);
+        cache.keep_revoked(ticket, copy);
+        assert!(get(&cache, &hash).is_none());
+        cache.sync();
+        assert_eq!(cache.known_len(), 0);
+        // With nothing between, the copy answers.
+        cache.fill(cache.ticket(&hash), hash, Some(rec));
+        let (ticket, copy) = cache.revoked_copy(&hash, at, false).unwrap();
+        cache.keep_revoked(ticket, copy.clone());
+        assert!(Arc::ptr_eq(&entry(get(&cache, &hash)), &copy));
     }
 
     #[test]

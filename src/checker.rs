@@ -350,14 +350,14 @@ impl Flights {
 /// Takes a read out of [`Flights`] when dropped, after it sent its result
 /// (or panicked, and its waiters saw the sender go).
 struct Landing<'a> {
-    checker: &'a Checker,
+    flights: &'a Flights,
     hash: KeyHash,
     ticket: Ticket,
 }
 
 impl Drop for Landing<'_> {
     fn drop(&mut self) {
-        self.checker.inner.flights.land(&self.hash, self.ticket);
+        self.flights.land(&self.hash, self.ticket);
     }
 }
 
@@ -677,7 +677,7 @@ impl Checker {
             // Lands however the read ends: a panic in it must not leave a
             // dead read for later checks to join.
             let _landing = Landing {
-                checker: &this,
+                flights: &this.inner.flights,
                 hash,
                 ticket,
             };

@@ -184,6 +184,25 @@ where
     }
 }
 
+/// Invalidation notices of kind `op` (`"owner"`, `"key_changed"`, ...) this
+/// replica has applied.
+pub fn notices(app: &TestApp, op: &str) -> u64 {
+    app.replica
+        .revocation_lag()
+        .by_op()
+        .find(|(o, _)| *o == op)
+        .map_or(0, |(_, n)| n)
+}
+
+/// Waits until this replica has applied `n` notices of kind `op`.
+pub async fn heard(app: &TestApp, op: &str, n: u64) {
+    eventually(Duration::from_secs(5), || async {
+        (notices(app, op) >= n).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("{op} notices never reached {n}: {}", notices(app, op)));
+}
+
 /// A well-formed key that was never minted.
 pub fn never_minted() -> ApiKey {
     ApiKey::generate(&keyward::key::KeyPrefix::parse("kw_live").expect("prefix"))

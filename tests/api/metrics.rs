@@ -14,7 +14,7 @@ use tokio::{
 };
 
 use crate::{
-    helpers::{TestApp, eventually, never_minted, reason, spawn_app_with, with_key},
+    helpers::{TestApp, eventually, heard, never_minted, reason, spawn_app_with, with_key},
     limits::{credits, window},
 };
 
@@ -166,23 +166,6 @@ fn mask(paths: &[&str]) -> Option<FieldMask> {
     Some(FieldMask {
         paths: paths.iter().map(|p| p.to_string()).collect(),
     })
-}
-
-fn notices(app: &TestApp, op: &str) -> u64 {
-    app.replica
-        .revocation_lag()
-        .by_op()
-        .find(|(o, _)| *o == op)
-        .map_or(0, |(_, n)| n)
-}
-
-/// Waits until this replica has applied `n` notices of kind `op`.
-async fn heard(app: &TestApp, op: &str, n: u64) {
-    eventually(Duration::from_secs(5), || async {
-        (notices(app, op) >= n).then_some(())
-    })
-    .await
-    .unwrap_or_else(|| panic!("{op} notices never reached {n}: {}", notices(app, op)));
 }
 
 async fn check(app: &TestApp, req: pb::CheckRequest) -> Reason {

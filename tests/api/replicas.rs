@@ -7,16 +7,28 @@ use std::time::{Duration, Instant};
 use keyward::pb::{self, Reason};
 use tonic::Code;
 
-use crate::helpers::{TestApp, db, eventually, never_minted, reason, spawn_app, spawn_replica};
+use crate::helpers::{
+    TestApp, db, eventually, heard, never_minted, notices, reason, spawn_app, spawn_replica,
+};
 
 /// Polls `replica` until it answers `want` for `key`, for at most 1 s.
 async fn until_reason(replica: &TestApp, key: &str, want: Reason) -> Duration {
-    let (_, took) = eventually(Duration::from_secs(1), || async {
+    until_reason_within(replica, key, want, Duration::from_secs(1)).await
+}
+
+/// Polls `replica` until it answers `want` for `key`, for at most `within`.
+async fn until_reason_within(
+    replica: &TestApp,
+    key: &str,
+    want: Reason,
+    within: Duration,
+) -> Duration {
+    let (_, took) = eventually(within, || async {
         let resp = replica.check_key(key).await.ok()?;
         (reason(&resp) == want).then_some(())
     })
     .await
-    .unwrap_or_else(|| panic!("replica did not answer {want:?} within 1 s"));
+    .unwrap_or_else(|| panic!("replica did not answer {want:?} within {within:?}"));
     took
 }
 
@@ -317,20 +329,9 @@ async fn a_replica_that_heard_of_a_suspension_does_not_ride_out_an_outage_on_the
     .await;
     let minted = a.mint_for("acme").await;
     warm(&b, &[&minted.secret]).await;
-    let owner_notices = || {
-        b.replica
-            .revocation_lag()
-            .by_op()
-            .find(|(op, _)| *op == "owner")
-            .map_or(0, |(_, n)| n)
-    };
-    let before = owner_notices();
+    let before = notices(&b, "owner");
     crate::lifecycle::set_owner_state(&a, "acme", pb::owner::State::Suspended, "unpaid").await;
-    eventually(Duration::from_secs(5), || async {
-        (owner_notices() > before).then_some(())
-    })
-    .await
-    .expect("B heard of the owner's change");
+    heard(&b, "owner", before + 1).await;
     // (The notice is counted just before it is applied.)
     tokio::time::sleep(Duration::from_millis(50)).await;
 
@@ -344,16 +345,15 @@ async fn a_replica_that_heard_of_a_suspension_does_not_ride_out_an_outage_on_the
         .expect_err("answered from the entry read before the suspension");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
+    // Once the database is back, B refuses the key.
     allow_connections(&a, true).await;
-    let refused = eventually(Duration::from_secs(10), || async {
-        let resp = b.check_key(&minted.secret).await.ok()?;
-        (reason(&resp) == Reason::OwnerInactive).then_some(())
-    })
+    until_reason_within(
+        &b,
+        &minted.secret,
+        Reason::OwnerInactive,
+        Duration::from_secs(10),
+    )
     .await;
-    assert!(
-        refused.is_some(),
-        "B refuses the key once the database is back"
-    );
 }
 
 #[tokio::test]

@@ -58,7 +58,8 @@ pub struct Config {
 
     /// How long a check lookup waits for one of its connections: when they
     /// are all busy a miss fails fast (UNAVAILABLE, fail closed) rather than
-    /// queueing.
+    /// queueing. A connection being opened for it keeps opening (for up to
+    /// --db-acquire-timeout) and serves the next miss.
     #[arg(long, env = "KEYWARD_DB_CHECK_ACQUIRE_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration, global = true)]
     pub db_check_acquire_timeout: Duration,
 

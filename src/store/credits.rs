@@ -87,7 +87,7 @@ impl Store {
             .bind(max_block)
             .bind(now)
             .persistent(prepared())
-            .fetch_optional(&self.checks)
+            .fetch_optional(&mut *self.check_connection().await?)
             .await?;
             Ok(row.map(
                 |(granted, remaining, version, period, interval)| Reservation {

@@ -376,7 +376,7 @@ impl Store {
         let lookup = async {
             let mut conn = {
                 let _waiting = self.stats.waiting_for_check_connection();
-                self.checks.acquire().await?
+                self.check_connection().await?
             };
             let row: Option<GrantRow> = sqlx::query_as(concat!(
                 "SELECT ",

@@ -48,6 +48,7 @@ use std::{
 use sqlx::{
     PgPool, Postgres, SqlStr,
     migrate::{MigrateDatabase as _, Migration, MigrationType, Migrator},
+    pool::PoolConnection,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
@@ -158,6 +159,9 @@ pub struct Store {
     /// For connections outside the pools (the `LISTEN` connection).
     connect: PgConnectOptions,
     acquire_timeout: Duration,
+    /// How long a check lookup waits for one of `checks` (see
+    /// [`Store::check_connection`]).
+    check_acquire_timeout: Duration,
     lookup_timeout: Duration,
     call_timeout: Duration,
     keepalive: Duration,
@@ -315,10 +319,12 @@ impl Store {
         .connect_lazy_with(pooled.clone());
         // Check connections stay open (see `warm_check_pool`): a burst of
         // misses must not wait for connections to be set up (a TLS
-        // handshake each) within its short acquire timeout.
+        // handshake each) within its short acquire timeout. The pool's own
+        // timeout is the budget for opening one, which a lookup's wait does
+        // not cut short (see `check_connection`).
         let check_pool = pool_options(
             checks,
-            opts.check_acquire_timeout.min(opts.lookup_timeout),
+            opts.acquire_timeout.max(opts.lookup_timeout),
             opts.keepalive,
             &health,
             pooling,
@@ -331,6 +337,7 @@ impl Store {
             checks: check_pool,
             connect,
             acquire_timeout: opts.acquire_timeout,
+            check_acquire_timeout: opts.check_acquire_timeout.min(opts.lookup_timeout),
             lookup_timeout: opts.lookup_timeout,
             call_timeout: opts.call_timeout,
             keepalive: opts.keepalive,
@@ -355,6 +362,38 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// One of the check pool's connections, waited for at most the check
+    /// acquire timeout: when all are busy a lookup fails fast rather than
+    /// queueing. When none is idle and the pool has room, the acquire opens
+    /// one, and runs in a task of its own, which the wait does not cancel: a
+    /// connection slower to open than a lookup may wait (TLS to a distant
+    /// server, a loaded machine, a database just restarted) still joins the
+    /// pool for the next lookup. Cancelled with the wait, every attempt to
+    /// open one would be cut short, and the pool would stay empty.
+    pub(crate) async fn check_connection(&self) -> Result<PoolConnection<Postgres>, StoreError> {
+        let wait = self.check_acquire_timeout;
+        let pool = &self.checks;
+        let opens = pool.num_idle() == 0 && pool.size() < pool.options().get_max_connections();
+        let acquired = if opens {
+            let pool = pool.clone();
+            let opening = tokio::spawn(async move { pool.acquire().await });
+            match tokio::time::timeout(wait, opening).await {
+                Ok(Ok(acquired)) => acquired,
+                // The task panicked (sqlx's acquire does not).
+                Ok(Err(_)) => Err(sqlx::Error::WorkerCrashed),
+                Err(_) => Err(sqlx::Error::PoolTimedOut),
+            }
+        } else {
+            // An idle one, or a wait for one in use: nothing to lose by
+            // cancelling, but for an idle one found dead and replaced here;
+            // once the dead are gone, the branch above opens the rest.
+            tokio::time::timeout(wait, pool.acquire())
+                .await
+                .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+        };
+        Ok(acquired?)
     }
 
     /// Puts every idle pooled connection in doubt (the listener lost its

@@ -6,6 +6,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -17,6 +18,7 @@ use keyward::{
     telemetry,
 };
 use sqlx::{Connection as _, PgConnection};
+use tokio::{net::TcpStream, task::JoinSet};
 
 use crate::helpers::{
     TestApp, eventually, never_minted,
@@ -575,4 +577,110 @@ async fn without_a_direct_listen_url_keyward_fails_behind_a_transaction_pooling_
     startup::bootstrap(&config, "ops", "admin")
         .await
         .expect("bootstrap with --listen-database-url");
+}
+
+/// A TCP link to a loopback port, on a loopback port of its own, where every
+/// new connection waits `delay` before its first byte goes through: a
+/// database slower to reach than a check lookup waits for a connection (a
+/// distant server, TLS over a long round trip, a loaded machine). `cut`
+/// closes every connection open through it, as a network blip does.
+struct SlowLink {
+    port: u16,
+    open: Arc<Mutex<JoinSet<()>>>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl SlowLink {
+    async fn start(upstream: u16, delay: Duration) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the link");
+        let port = listener.local_addr().expect("the link's address").port();
+        let open = Arc::new(Mutex::new(JoinSet::new()));
+        let links = open.clone();
+        let accepting = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                links.lock().expect("links").spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            open,
+            accepting,
+        }
+    }
+
+    fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Closes every connection open through the link; new ones still go
+    /// through, as slowly.
+    fn cut(&self) {
+        self.open.lock().expect("links").abort_all();
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        self.accepting.abort();
+        self.cut();
+    }
+}
+
+#[tokio::test]
+async fn check_connections_slower_to_open_than_a_lookup_waits_still_open_and_serve() {
+    let pg = PrivatePostgres::start().await;
+    // Every connection takes 400 ms to open: four times what a check lookup
+    // waits for one (100 ms), a fifth of what an admin call waits (2 s).
+    let link = SlowLink::start(pg.port(), Duration::from_millis(400)).await;
+    let app = spawn_app_on(link.url("keyward"), &[]).await;
+
+    // Start-up opened every check connection, though none opens within a
+    // lookup's wait...
+    let [checks, _] = app.replica.store().pool_stats();
+    assert_eq!((checks.name, checks.size), ("check", 6), "{checks:?}");
+    // ... so the first calls' misses are decided: each Mint's management key
+    // is looked up (a miss on a check connection), then the key.
+    let minted = app.mint_for("acme").await;
+    let checked = app.check_key(&minted.secret).await.expect("check");
+    assert!(checked.allowed, "{checked:?}");
+    // A key this replica has not seen (minted through another), whose first
+    // check here is a miss.
+    let unchecked = spawn_replica(&app, &[]).await.mint_for("acme").await;
+
+    // Every connection through the link closes. A miss now needs a check
+    // connection opened anew, which takes longer than it waits: the first
+    // ones fail closed (UNAVAILABLE), but the connections they started keep
+    // opening, and a miss a moment later is decided on one of them.
+    link.cut();
+    let lookups = app.replica.store().stats().key_lookups();
+    let unavailable = std::cell::Cell::new(0);
+    let (answer, took) = eventually(Duration::from_secs(10), || async {
+        match app.check_key(&unchecked.secret).await {
+            Ok(answer) => Some(answer),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                unavailable.set(unavailable.get() + 1);
+                None
+            }
+        }
+    })
+    .await
+    .expect("a miss is decided again within 10 s of the cut");
+    println!(
+        "decided {took:?} after the cut, after {} UNAVAILABLE",
+        unavailable.get()
+    );
+    assert!(answer.allowed, "{answer:?}");
+    assert_eq!(answer.key_id, unchecked.key.as_ref().expect("key").id);
+    assert!(
+        app.replica.store().stats().key_lookups() > lookups,
+        "the check was a miss, read from the store"
+    );
 }

@@ -52,14 +52,16 @@ pub struct Config {
     pub db_check_connections: u32,
 
     /// How long an admin call or background write waits for a database
-    /// connection before it fails with UNAVAILABLE.
+    /// connection before it fails with UNAVAILABLE; also how long a check
+    /// connection may take to open.
     #[arg(long, env = "KEYWARD_DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
     pub db_acquire_timeout: Duration,
 
     /// How long a check lookup waits for one of its connections: when they
     /// are all busy a miss fails fast (UNAVAILABLE, fail closed) rather than
     /// queueing. A connection being opened for it keeps opening (for up to
-    /// --db-acquire-timeout) and serves the next miss.
+    /// --db-acquire-timeout, or --db-lookup-timeout if longer) and serves
+    /// the next miss.
     #[arg(long, env = "KEYWARD_DB_CHECK_ACQUIRE_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration, global = true)]
     pub db_check_acquire_timeout: Duration,
 

@@ -659,6 +659,9 @@ async fn check_connections_slower_to_open_than_a_lookup_waits_still_open_and_ser
     // ones fail closed (UNAVAILABLE), but the connections they started keep
     // opening, and a miss a moment later is decided on one of them.
     link.cut();
+    // As the listener's lost connection does, a moment later: each idle
+    // connection is pinged before its next use.
+    app.replica.store().suspect_connections();
     let lookups = app.replica.store().stats().key_lookups();
     let unavailable = std::cell::Cell::new(0);
     let (answer, took) = eventually(Duration::from_secs(10), || async {

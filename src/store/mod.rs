@@ -349,19 +349,28 @@ impl Store {
     /// Opens every check connection now, so that the first misses find
     /// them ready. The pool keeps them open (and replaces one that fails).
     pub async fn warm_check_pool(&self) -> Result<(), StoreError> {
-        let mut opening = tokio::task::JoinSet::new();
-        for _ in 0..self.checks.options().get_max_connections() {
-            let pool = self.checks.clone();
-            opening.spawn(async move { pool.acquire().await });
-        }
+        let opening: Vec<_> = (0..self.checks.options().get_max_connections())
+            .map(|_| self.acquire_check_detached())
+            .collect();
         // Held until all are open, so that each is a connection of its own.
+        // Left early (an error, the caller's deadline), the others go on.
         let mut held = Vec::new();
-        while let Some(opened) = opening.join_next().await {
-            if let Ok(conn) = opened {
+        for opened in opening {
+            if let Ok(conn) = opened.await {
                 held.push(conn?);
             }
         }
         Ok(())
+    }
+
+    /// Acquires a check connection in a task of its own, which dropping the
+    /// handle does not cancel: a connection being opened for a waiter that
+    /// gave up still joins the pool.
+    fn acquire_check_detached(
+        &self,
+    ) -> tokio::task::JoinHandle<Result<PoolConnection<Postgres>, sqlx::Error>> {
+        let pool = self.checks.clone();
+        tokio::spawn(async move { pool.acquire().await })
     }
 
     /// One of the check pool's connections, waited for at most the check
@@ -377,9 +386,7 @@ impl Store {
         let pool = &self.checks;
         let opens = pool.num_idle() == 0 && pool.size() < pool.options().get_max_connections();
         let acquired = if opens {
-            let pool = pool.clone();
-            let opening = tokio::spawn(async move { pool.acquire().await });
-            match tokio::time::timeout(wait, opening).await {
+            match tokio::time::timeout(wait, self.acquire_check_detached()).await {
                 Ok(Ok(acquired)) => acquired,
                 // The task panicked (sqlx's acquire does not).
                 Ok(Err(_)) => Err(sqlx::Error::WorkerCrashed),

@@ -59,7 +59,7 @@ impl Store {
         let need = i64::try_from(need).unwrap_or(i64::MAX);
         let max_block = i64::try_from(max_block).unwrap_or(i64::MAX);
         let reserve = async {
-            let row: Option<ReservationRow> = sqlx::query_as(
+            let query = sqlx::query_as(
                 "WITH cur AS ( \
                      SELECT bucket_id, version, refill_amount, \
                             CASE refill_interval \
@@ -86,9 +86,11 @@ impl Store {
             .bind(need)
             .bind(max_block)
             .bind(now)
-            .persistent(prepared())
-            .fetch_optional(&mut *self.check_connection().await?)
-            .await?;
+            .persistent(prepared());
+            let mut conn = self.check_connection().await?;
+            let row: Option<ReservationRow> = query.fetch_optional(&mut *conn).await?;
+            // Credits are spent from this block as soon as it is returned.
+            self.commit_pooled(&mut conn).await?;
             Ok(row.map(
                 |(granted, remaining, version, period, interval)| Reservation {
                     granted: u64::try_from(granted).unwrap_or(0),
@@ -126,10 +128,13 @@ impl Store {
         .bind(credits)
         .bind(versions)
         .bind(periods)
-        .persistent(prepared())
-        .execute(&self.pool);
-        self.bounded("return_credits", async { Ok(statement.await?) })
-            .await?;
+        .persistent(prepared());
+        self.bounded("return_credits", async {
+            let mut conn = self.pool.acquire().await?;
+            statement.execute(&mut *conn).await?;
+            self.commit_pooled(&mut conn).await
+        })
+        .await?;
         Ok(())
     }
 }

@@ -331,10 +331,12 @@ impl Store {
                 let inserted = match owner.max_keys {
                     None => {
                         let mut conn = self.pool.acquire().await?;
-                        insert_key_row(&mut conn, new, actor, owner.updated_at).await?
+                        let row = insert_key_row(&mut conn, new, actor, owner.updated_at).await?;
+                        self.commit_pooled(&mut conn).await?;
+                        row
                     }
                     Some(max) => {
-                        let mut tx = self.pool.begin().await?;
+                        let mut tx = self.begin().await?;
                         let locked: Option<DateTime<Utc>> = sqlx::query_scalar(
                             "SELECT updated_at FROM owners WHERE id = $1 FOR UPDATE",
                         )
@@ -556,7 +558,7 @@ impl Store {
         actor: &Actor,
     ) -> Result<KeyRecord, StoreError> {
         self.bounded("revoke", async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             let current = lock_key(&mut tx, id, owner).await?;
             if current.revoked_at.is_some() {
                 return Ok(current);
@@ -594,7 +596,7 @@ impl Store {
         actor: &Actor,
     ) -> Result<KeyRecord, StoreError> {
         self.bounded("set_key_disabled", async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             let current = lock_key(&mut tx, id, owner).await?;
             if current.disabled_at.is_some() == disabled {
                 return Ok(current);
@@ -639,7 +641,7 @@ impl Store {
         actor: &Actor,
     ) -> Result<KeyRecord, StoreError> {
         self.bounded("update_key", async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             let current = lock_key(&mut tx, id, owner).await?;
             let owner_row: OwnerRow = sqlx::query_as(concat!(
                 "SELECT ",
@@ -755,7 +757,7 @@ impl Store {
             .rotated_from
             .ok_or_else(|| StoreError::Corrupt("a rotation without the key it replaces".into()))?;
         self.bounded("rotate_key", async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             let current = lock_key(&mut tx, old_id, owner).await?;
             guard(&current)?;
             if let Some(by) = current.replaced_by {
@@ -836,7 +838,8 @@ impl Store {
                 &key.owner_id,
                 json!({ "resource": resource }),
             )
-            .await
+            .await?;
+            self.commit_pooled(&mut conn).await
         })
         .await
     }

@@ -46,7 +46,7 @@ use std::{
 };
 
 use sqlx::{
-    PgPool, Postgres, SqlStr,
+    PgConnection, PgPool, Postgres, SqlStr,
     migrate::{MigrateDatabase as _, Migration, MigrationType, Migrator},
     pool::PoolConnection,
     postgres::{PgConnectOptions, PgPoolOptions},
@@ -167,6 +167,8 @@ pub struct Store {
     keepalive: Duration,
     health: Arc<ConnectionHealth>,
     stats: Arc<StoreStats>,
+    /// Behind a transaction-pooling PgBouncer (see `pool_options`).
+    pooling: bool,
 }
 
 /// When pooled connections were last put in doubt (a lost listener, a
@@ -343,6 +345,7 @@ impl Store {
             keepalive: opts.keepalive,
             health,
             stats: Arc::default(),
+            pooling,
         })
     }
 
@@ -401,6 +404,36 @@ impl Store {
                 .unwrap_or(Err(sqlx::Error::PoolTimedOut))
         };
         Ok(acquired?)
+    }
+
+    /// A transaction on an admin connection, for a change of several
+    /// statements (see [`Tx`]).
+    pub(crate) async fn begin(&self) -> Result<Tx, StoreError> {
+        Ok(Tx(if self.pooling {
+            TxState::Pooled(Some(self.pool.acquire().await?), self.call_timeout)
+        } else {
+            TxState::Own(self.pool.begin().await?)
+        }))
+    }
+
+    /// Ends a write made on a pooled connection outside a transaction of its
+    /// own. Behind a transaction-pooling PgBouncer every use of a pooled
+    /// connection is one transaction (see `pool_options`), which sqlx's
+    /// release commits in a task of its own after the caller has answered,
+    /// and a commit that fails there goes unseen: another replica would not
+    /// yet find the key Mint returned, or a check would be allowed on
+    /// credits whose reservation is later lost. So the write is committed
+    /// here, before it is answered, and the next transaction opened for the
+    /// release to end. Elsewhere each statement commits on its own, and this
+    /// does nothing.
+    pub(crate) async fn commit_pooled(
+        &self,
+        conn: &mut PoolConnection<Postgres>,
+    ) -> Result<(), StoreError> {
+        if self.pooling {
+            commit_pooled(conn).await?;
+        }
+        Ok(())
     }
 
     /// Puts every idle pooled connection in doubt (the listener lost its
@@ -503,7 +536,7 @@ impl Store {
     }
 
     /// A connection outside the pools, straight to PostgreSQL.
-    async fn direct(&self) -> Result<sqlx::PgConnection, StoreError> {
+    async fn direct(&self) -> Result<PgConnection, StoreError> {
         use sqlx::ConnectOptions as _;
         self.bounded("direct", async { Ok(self.connect.connect().await?) })
             .await
@@ -521,7 +554,9 @@ impl Store {
 /// `COMMIT` when it comes back. PgBouncer then keeps one server connection
 /// for the whole use, so the two round trips of an unnamed statement (parse,
 /// then bind) reach the same server (see `statements`). `BEGIN` also proves
-/// the connection alive, so no ping is needed.
+/// the connection alive, so no ping is needed. sqlx releases a connection
+/// after its user has gone on, so a write does not wait for that `COMMIT`:
+/// it commits first ([`Store::commit_pooled`], [`Tx`]).
 fn pool_options(
     max: u32,
     acquire_timeout: Duration,
@@ -556,6 +591,99 @@ fn pool_options(
             Ok(true)
         })
     })
+}
+
+/// Behind a transaction-pooling PgBouncer, ends a pooled connection's
+/// transaction and opens the next, in one round trip (see `pool_options`).
+const COMMIT_POOLED: &str = "COMMIT; BEGIN";
+/// The same, rolling back.
+const ROLLBACK_POOLED: &str = "ROLLBACK; BEGIN";
+
+/// [`COMMIT_POOLED`]. A failed `COMMIT` rolled back and skipped the `BEGIN`,
+/// leaving the connection outside a transaction: it is closed rather than
+/// handed out again.
+async fn commit_pooled(conn: &mut PoolConnection<Postgres>) -> Result<(), sqlx::Error> {
+    use sqlx::Executor as _;
+    let done = conn.execute(COMMIT_POOLED).await.map(drop);
+    if done.is_err() {
+        conn.close_on_drop();
+    }
+    done
+}
+
+/// A transaction for a change of several statements: committed by
+/// [`Tx::commit`], rolled back if dropped. Behind a transaction-pooling
+/// PgBouncer the pooled connection is in a transaction already (see
+/// `pool_options`): that one is used, and its end opens the next for the
+/// release to end, so that PostgreSQL is never sent a `BEGIN` in a
+/// transaction or a `COMMIT` out of one (each a WARNING in the log).
+pub(crate) struct Tx(TxState);
+
+enum TxState {
+    Own(sqlx::Transaction<'static, Postgres>),
+    /// `None` once committed; how long a rollback may take.
+    Pooled(Option<PoolConnection<Postgres>>, Duration),
+}
+
+impl Tx {
+    pub(crate) async fn commit(mut self) -> Result<(), StoreError> {
+        match std::mem::replace(&mut self.0, TxState::Pooled(None, Duration::ZERO)) {
+            TxState::Own(tx) => tx.commit().await?,
+            TxState::Pooled(Some(mut conn), _) => commit_pooled(&mut conn).await?,
+            TxState::Pooled(None, _) => {}
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Tx {
+    /// A pooled connection's transaction is rolled back before the
+    /// connection goes back, which would commit it. A statement cut short is
+    /// still running: the rollback waits for it, within the call deadline
+    /// (PgBouncer passes no `statement_timeout`). If the rollback fails or
+    /// runs out of time, the connection is closed, and PgBouncer rolls its
+    /// transaction back. sqlx's own transaction rolls itself back.
+    fn drop(&mut self) {
+        use sqlx::Executor as _;
+        let TxState::Pooled(Some(mut conn), limit) =
+            std::mem::replace(&mut self.0, TxState::Pooled(None, Duration::ZERO))
+        else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let rollback = tokio::time::timeout(limit, conn.execute(ROLLBACK_POOLED)).await;
+                    if !matches!(rollback, Ok(Ok(_))) {
+                        conn.close_on_drop();
+                    }
+                });
+            }
+            Err(_) => conn.close_on_drop(),
+        }
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        match &self.0 {
+            TxState::Own(tx) => tx,
+            TxState::Pooled(Some(conn), _) => conn,
+            TxState::Pooled(None, _) => unreachable!("a committed Tx is consumed"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match &mut self.0 {
+            TxState::Own(tx) => tx,
+            TxState::Pooled(Some(conn), _) => conn,
+            TxState::Pooled(None, _) => unreachable!("a committed Tx is consumed"),
+        }
+    }
 }
 
 /// How statements are sent. Normally each is prepared once per connection

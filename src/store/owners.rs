@@ -115,6 +115,7 @@ impl Store {
         &self,
         id: &OwnerId,
     ) -> Result<OwnerRecord, StoreError> {
+        let mut conn = self.pool.acquire().await?;
         loop {
             let row: Option<OwnerRow> = sqlx::query_as(concat!(
                 "WITH created AS ( \
@@ -126,11 +127,12 @@ impl Store {
             ))
             .bind(id.as_str())
             .persistent(prepared())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await?;
             // None only if another transaction created it after this one's
             // snapshot was taken: it exists now.
             if let Some(row) = row {
+                self.commit_pooled(&mut conn).await?;
                 return row.try_into();
             }
         }
@@ -182,7 +184,10 @@ impl Store {
         .bind(values.default_rate_limits.clone().flatten().map(Json));
         let row: OwnerRow = self
             .bounded("create_owner", async {
-                Ok(query.persistent(prepared()).fetch_one(&self.pool).await?)
+                let mut conn = self.pool.acquire().await?;
+                let row = query.persistent(prepared()).fetch_one(&mut *conn).await?;
+                self.commit_pooled(&mut conn).await?;
+                Ok(row)
             })
             .await?;
         row.try_into()
@@ -228,7 +233,7 @@ impl Store {
         actor: &Actor,
     ) -> Result<OwnerRecord, StoreError> {
         self.bounded("update_owner", async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             let current: OwnerRow = sqlx::query_as(concat!(
                 "SELECT ",
                 owner_columns!(),

@@ -68,10 +68,13 @@ impl Store {
         .bind(ids)
         .bind(at)
         .bind(uses)
-        .persistent(prepared())
-        .execute(&self.pool);
-        self.bounded("record_usage", async { Ok(statement.await?) })
-            .await?;
+        .persistent(prepared());
+        self.bounded("record_usage", async {
+            let mut conn = self.pool.acquire().await?;
+            statement.execute(&mut *conn).await?;
+            self.commit_pooled(&mut conn).await
+        })
+        .await?;
         Ok(())
     }
 

@@ -523,6 +523,191 @@ async fn two_replicas_behind_a_transaction_pooling_pgbouncer_mint_check_list_and
     assert_eq!(used, ids.len() as i64, "usage written through PgBouncer");
 }
 
+/// Behind a transaction-pooling PgBouncer every use of a pooled connection
+/// is one transaction, which sqlx's release of the connection commits: in a
+/// task of its own, after the caller has answered. A write must not be
+/// answered before it is committed: another replica would not find the key
+/// it was told exists (under load this refused freshly minted keys with
+/// UNKNOWN_KEY), and a commit that failed would lose a key already handed
+/// out. Here every commit that wrote an owner, a key or credits takes 300 ms
+/// longer (a deferred trigger runs at commit), so an answer sent before its
+/// commit is caught every time, not only on a loaded machine. Nor is
+/// PostgreSQL sent a `BEGIN` inside the pooled connection's transaction or a
+/// `COMMIT` after it ended: each is a WARNING in keyward's log.
+#[tokio::test]
+async fn behind_a_transaction_pooling_pgbouncer_a_write_is_committed_before_it_is_answered() {
+    let logs = crate::helpers::CapturedLogs::start();
+    let pg = PrivatePostgres::start().await;
+    let bouncer = PgBouncer::start(pg.port()).await;
+    let direct = pg.url("keyward");
+    let flags = bouncer_flags(&direct);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let a = spawn_app_on(bouncer.url("keyward"), &flags).await;
+    let b = spawn_replica(&a, &flags).await;
+    let mut db = PgConnection::connect(&direct).await.expect("connect");
+    sqlx::raw_sql(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT OR UPDATE ON owners \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit(); \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT OR UPDATE ON keys \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit(); \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT OR UPDATE ON credits \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();",
+    )
+    .execute(&mut db)
+    .await
+    .expect("install the slow commit");
+
+    // Mint through A for a new owner (the owner's row, then the key's):
+    // both are in the database when Mint answers.
+    let minted = a
+        .mint(pb::MintRequest {
+            owner_id: "slow-commit".into(),
+            credits: Some(pb::Credits {
+                remaining: 100,
+                refill: None,
+            }),
+            ..Default::default()
+        })
+        .await;
+    let id: uuid::Uuid = minted.key.expect("minted key").id.parse().expect("uuid");
+    let (owners, keys): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM owners WHERE id = 'slow-commit'), \
+                (SELECT count(*) FROM keys WHERE id = $1)",
+    )
+    .bind(id)
+    .fetch_one(&mut db)
+    .await
+    .expect("read the rows");
+    assert_eq!((owners, keys), (1, 1), "Mint answered before its commit");
+
+    // B, which has never seen the key, finds it at once, and the block of
+    // credits it reserved for the check is spent in the database when the
+    // check is answered.
+    let resp = b.check_key(&minted.secret).await.expect("check on B");
+    assert!(resp.allowed, "B refused a key A had minted: {resp:?}");
+    let remaining: i64 =
+        sqlx::query_scalar("SELECT remaining FROM credits c JOIN keys k ON COALESCE(k.bucket_id, k.id) = c.bucket_id WHERE k.id = $1")
+            .bind(id)
+            .fetch_one(&mut db)
+            .await
+            .expect("read the credits");
+    assert!(
+        remaining < 100,
+        "B answered before its reservation was committed: {remaining} remaining"
+    );
+
+    // A change of several statements in a transaction of its own: Revoke
+    // (lock, update, audit), then B refuses the key.
+    let revoked = a.revoke(&id.to_string()).await;
+    assert!(revoked.revoked_at.is_some(), "{revoked:?}");
+    let revoked_at: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT revoked_at FROM keys WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut db)
+            .await
+            .expect("read the key");
+    assert!(revoked_at.is_some(), "Revoke answered before its commit");
+    let refused = crate::helpers::eventually(Duration::from_secs(5), || async {
+        let resp = b.check_key(&minted.secret).await.ok()?;
+        (reason(&resp) == Reason::Revoked).then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "B still allows the revoked key");
+    for warning in [
+        "there is already a transaction in progress",
+        "there is no transaction in progress",
+    ] {
+        assert_eq!(logs.find(warning), None, "PostgreSQL warned");
+    }
+}
+
+/// Behind a transaction-pooling PgBouncer, a change cut short (here by the
+/// database call's deadline, while its audit event is being written) is
+/// rolled back, not committed when its connection goes back to the pool:
+/// nothing of it is written, the key stays enabled, and PostgreSQL has
+/// nothing to warn of.
+#[tokio::test]
+async fn behind_a_transaction_pooling_pgbouncer_a_change_cut_short_writes_nothing() {
+    let logs = crate::helpers::CapturedLogs::start();
+    let pg = PrivatePostgres::start().await;
+    let bouncer = PgBouncer::start(pg.port()).await;
+    let direct = pg.url("keyward");
+    let mut flags = bouncer_flags(&direct);
+    flags.extend(["--db-call-timeout".to_owned(), "1s".to_owned()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let a = spawn_app_on(bouncer.url("keyward"), &flags).await;
+    let minted = a.mint_for("cut-short").await;
+    let id = minted.key.expect("minted key").id;
+    let mut db = PgConnection::connect(&direct).await.expect("connect");
+    sqlx::raw_sql(
+        "CREATE FUNCTION slow_audit() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$; \
+         CREATE TRIGGER slow_audit BEFORE INSERT ON audit_events FOR EACH ROW \
+             WHEN (NEW.action = 'key.disable') EXECUTE FUNCTION slow_audit();",
+    )
+    .execute(&mut db)
+    .await
+    .expect("install the slow audit");
+
+    let mut keys = a.keys.clone();
+    let request = a.admin(pb::DisableRequest { id: id.clone() });
+    let disable = tokio::spawn(async move { keys.disable(request).await });
+    // It is cut short while writing its audit event, after the key's update.
+    let reached = eventually(Duration::from_secs(5), || async {
+        let writing: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'keyward' \
+             AND state = 'active' AND query LIKE '%INSERT INTO audit_events%'",
+        )
+        .fetch_one(&mut inspect(&pg).await)
+        .await
+        .expect("pg_stat_activity");
+        (writing == 1).then_some(())
+    })
+    .await;
+    assert!(reached.is_some(), "Disable never reached its audit event");
+    let cut = disable
+        .await
+        .expect("disable task")
+        .expect_err("Disable outlasts its deadline");
+    println!("Disable cut short: {cut:?}");
+    // Once the statement in flight has ended, the connection is idle.
+    let settled = eventually(Duration::from_secs(10), || async {
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'keyward' \
+             AND pid <> pg_backend_pid() AND state <> 'idle'",
+        )
+        .fetch_one(&mut inspect(&pg).await)
+        .await
+        .expect("pg_stat_activity");
+        (busy == 0).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "a connection stays busy");
+    let (disabled, events): (bool, i64) = sqlx::query_as(
+        "SELECT (SELECT disabled_at IS NOT NULL FROM keys WHERE id = $1::uuid), \
+                (SELECT count(*) FROM audit_events WHERE action = 'key.disable')",
+    )
+    .bind(&id)
+    .fetch_one(&mut db)
+    .await
+    .expect("read the key");
+    assert_eq!(
+        (disabled, events),
+        (false, 0),
+        "half of Disable was committed"
+    );
+    let resp = a.check_key(&minted.secret).await.expect("check");
+    assert!(resp.allowed, "{resp:?}");
+    for warning in [
+        "there is already a transaction in progress",
+        "there is no transaction in progress",
+    ] {
+        assert_eq!(logs.find(warning), None, "PostgreSQL warned");
+    }
+}
+
 /// Without `--listen-database-url` keyward takes the PgBouncer URL for a
 /// direct one, and fails. Its statements are then named (sqlx's
 /// `sqlx_s_1`, ...) and prepared on whatever server connection PgBouncer

@@ -129,12 +129,6 @@ impl Store {
         .bind(versions)
         .bind(periods)
         .persistent(prepared());
-        self.bounded("return_credits", async {
-            let mut conn = self.pool.acquire().await?;
-            statement.execute(&mut *conn).await?;
-            self.commit_pooled(&mut conn).await
-        })
-        .await?;
-        Ok(())
+        self.execute_write("return_credits", statement).await
     }
 }

@@ -431,9 +431,24 @@ impl Store {
         conn: &mut PoolConnection<Postgres>,
     ) -> Result<(), StoreError> {
         if self.pooling {
-            commit_pooled(conn).await?;
+            end_pooled(conn, COMMIT_POOLED).await?;
         }
         Ok(())
+    }
+
+    /// One statement that writes, on an admin connection, committed before
+    /// it returns (see [`Store::commit_pooled`]).
+    pub(crate) async fn execute_write(
+        &self,
+        name: &'static str,
+        statement: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<(), StoreError> {
+        self.bounded(name, async {
+            let mut conn = self.pool.acquire().await?;
+            statement.execute(&mut *conn).await?;
+            self.commit_pooled(&mut conn).await
+        })
+        .await
     }
 
     /// Puts every idle pooled connection in doubt (the listener lost its
@@ -599,12 +614,16 @@ const COMMIT_POOLED: &str = "COMMIT; BEGIN";
 /// The same, rolling back.
 const ROLLBACK_POOLED: &str = "ROLLBACK; BEGIN";
 
-/// [`COMMIT_POOLED`]. A failed `COMMIT` rolled back and skipped the `BEGIN`,
-/// leaving the connection outside a transaction: it is closed rather than
-/// handed out again.
-async fn commit_pooled(conn: &mut PoolConnection<Postgres>) -> Result<(), sqlx::Error> {
+/// Ends a pooled connection's transaction with `end` ([`COMMIT_POOLED`] or
+/// [`ROLLBACK_POOLED`]), which opens the next. If that fails (a failed
+/// `COMMIT` rolls back and skips the `BEGIN`), the connection is outside a
+/// transaction: it is closed rather than handed out again.
+async fn end_pooled(
+    conn: &mut PoolConnection<Postgres>,
+    end: &'static str,
+) -> Result<(), sqlx::Error> {
     use sqlx::Executor as _;
-    let done = conn.execute(COMMIT_POOLED).await.map(drop);
+    let done = conn.execute(end).await.map(drop);
     if done.is_err() {
         conn.close_on_drop();
     }
@@ -629,7 +648,7 @@ impl Tx {
     pub(crate) async fn commit(mut self) -> Result<(), StoreError> {
         match std::mem::replace(&mut self.0, TxState::Pooled(None, Duration::ZERO)) {
             TxState::Own(tx) => tx.commit().await?,
-            TxState::Pooled(Some(mut conn), _) => commit_pooled(&mut conn).await?,
+            TxState::Pooled(Some(mut conn), _) => end_pooled(&mut conn, COMMIT_POOLED).await?,
             TxState::Pooled(None, _) => {}
         }
         Ok(())
@@ -644,7 +663,6 @@ impl Drop for Tx {
     /// runs out of time, the connection is closed, and PgBouncer rolls its
     /// transaction back. sqlx's own transaction rolls itself back.
     fn drop(&mut self) {
-        use sqlx::Executor as _;
         let TxState::Pooled(Some(mut conn), limit) =
             std::mem::replace(&mut self.0, TxState::Pooled(None, Duration::ZERO))
         else {
@@ -653,8 +671,8 @@ impl Drop for Tx {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    let rollback = tokio::time::timeout(limit, conn.execute(ROLLBACK_POOLED)).await;
-                    if !matches!(rollback, Ok(Ok(_))) {
+                    let rollback = end_pooled(&mut conn, ROLLBACK_POOLED);
+                    if tokio::time::timeout(limit, rollback).await.is_err() {
                         conn.close_on_drop();
                     }
                 });

@@ -69,13 +69,7 @@ impl Store {
         .bind(at)
         .bind(uses)
         .persistent(prepared());
-        self.bounded("record_usage", async {
-            let mut conn = self.pool.acquire().await?;
-            statement.execute(&mut *conn).await?;
-            self.commit_pooled(&mut conn).await
-        })
-        .await?;
-        Ok(())
+        self.execute_write("record_usage", statement).await
     }
 
     /// Uses per day over the last `days` days (UTC), newest first, for each key.

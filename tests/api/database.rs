@@ -254,6 +254,47 @@ fn bouncer_flags(direct: &str) -> Vec<String> {
     .to_vec()
 }
 
+/// A private PostgreSQL, a private transaction-pooling PgBouncer in front
+/// of it, and keyward through that PgBouncer with [`bouncer_flags`] and
+/// `extra`; the flags, for replicas.
+async fn behind_bouncer(extra: &[&str]) -> (PrivatePostgres, PgBouncer, Vec<String>, TestApp) {
+    let pg = PrivatePostgres::start().await;
+    let bouncer = PgBouncer::start(pg.port()).await;
+    let mut flags = bouncer_flags(&pg.url("keyward"));
+    flags.extend(extra.iter().map(|f| (*f).to_owned()));
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let a = spawn_app_on(bouncer.url("keyward"), &args).await;
+    (pg, bouncer, flags, a)
+}
+
+/// A replica of `a` with `flags` (from [`behind_bouncer`]).
+async fn replica_behind_bouncer(a: &TestApp, flags: &[String]) -> TestApp {
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    spawn_replica(a, &args).await
+}
+
+/// How many of the server connections to keyward's database on `pg` meet
+/// `condition` (on `pg_stat_activity`).
+async fn keyward_backends(pg: &PrivatePostgres, condition: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'keyward' AND {condition}"
+    )))
+    .fetch_one(&mut inspect(pg).await)
+    .await
+    .expect("pg_stat_activity")
+}
+
+/// keyward's log holds none of PostgreSQL's warnings of a `BEGIN` inside a
+/// transaction or a `COMMIT` outside one.
+fn assert_postgres_never_warned(logs: &crate::helpers::CapturedLogs) {
+    for warning in [
+        "there is already a transaction in progress",
+        "there is no transaction in progress",
+    ] {
+        assert_eq!(logs.find(warning), None, "PostgreSQL warned");
+    }
+}
+
 /// One minted key, with what a check must answer for it.
 #[derive(Clone, Debug)]
 struct Minted {
@@ -385,13 +426,9 @@ async fn check_all_at_once(a: &TestApp, b: &TestApp, keys: &[Minted], revoked: &
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_behind_a_transaction_pooling_pgbouncer_mint_check_list_and_revoke() {
-    let pg = PrivatePostgres::start().await;
-    let bouncer = PgBouncer::start(pg.port()).await;
+    let (pg, bouncer, flags, a) = behind_bouncer(&[]).await;
+    let b = replica_behind_bouncer(&a, &flags).await;
     let direct = pg.url("keyward");
-    let flags = bouncer_flags(&direct);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let a = spawn_app_on(bouncer.url("keyward"), &flags).await;
-    let b = spawn_replica(&a, &flags).await;
     assert!(a.database_url.contains(&format!(":{}/", bouncer.port())));
 
     // Mint: several keys through A, concurrently.
@@ -491,13 +528,7 @@ async fn two_replicas_behind_a_transaction_pooling_pgbouncer_mint_check_list_and
     // The pooled connections are in no transaction when idle: nothing holds
     // a server connection (PgBouncer lends them per transaction) or a lock.
     let settled = eventually(Duration::from_secs(5), || async {
-        let open: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = 'keyward' AND state LIKE 'idle in transaction%'",
-        )
-        .fetch_one(&mut inspect(&pg).await)
-        .await
-        .expect("pg_stat_activity");
+        let open = keyward_backends(&pg, "state LIKE 'idle in transaction%'").await;
         (open == 0).then_some(())
     })
     .await;
@@ -537,14 +568,11 @@ async fn two_replicas_behind_a_transaction_pooling_pgbouncer_mint_check_list_and
 #[tokio::test]
 async fn behind_a_transaction_pooling_pgbouncer_a_write_is_committed_before_it_is_answered() {
     let logs = crate::helpers::CapturedLogs::start();
-    let pg = PrivatePostgres::start().await;
-    let bouncer = PgBouncer::start(pg.port()).await;
-    let direct = pg.url("keyward");
-    let flags = bouncer_flags(&direct);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let a = spawn_app_on(bouncer.url("keyward"), &flags).await;
-    let b = spawn_replica(&a, &flags).await;
-    let mut db = PgConnection::connect(&direct).await.expect("connect");
+    let (pg, _bouncer, flags, a) = behind_bouncer(&[]).await;
+    let b = replica_behind_bouncer(&a, &flags).await;
+    let mut db = PgConnection::connect(&pg.url("keyward"))
+        .await
+        .expect("connect");
     sqlx::raw_sql(
         "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
              $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$; \
@@ -615,12 +643,7 @@ async fn behind_a_transaction_pooling_pgbouncer_a_write_is_committed_before_it_i
     })
     .await;
     assert!(refused.is_some(), "B still allows the revoked key");
-    for warning in [
-        "there is already a transaction in progress",
-        "there is no transaction in progress",
-    ] {
-        assert_eq!(logs.find(warning), None, "PostgreSQL warned");
-    }
+    assert_postgres_never_warned(&logs);
 }
 
 /// Behind a transaction-pooling PgBouncer, a change cut short (here by the
@@ -631,16 +654,12 @@ async fn behind_a_transaction_pooling_pgbouncer_a_write_is_committed_before_it_i
 #[tokio::test]
 async fn behind_a_transaction_pooling_pgbouncer_a_change_cut_short_writes_nothing() {
     let logs = crate::helpers::CapturedLogs::start();
-    let pg = PrivatePostgres::start().await;
-    let bouncer = PgBouncer::start(pg.port()).await;
-    let direct = pg.url("keyward");
-    let mut flags = bouncer_flags(&direct);
-    flags.extend(["--db-call-timeout".to_owned(), "1s".to_owned()]);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let a = spawn_app_on(bouncer.url("keyward"), &flags).await;
+    let (pg, _bouncer, _, a) = behind_bouncer(&["--db-call-timeout", "1s"]).await;
     let minted = a.mint_for("cut-short").await;
     let id = minted.key.expect("minted key").id;
-    let mut db = PgConnection::connect(&direct).await.expect("connect");
+    let mut db = PgConnection::connect(&pg.url("keyward"))
+        .await
+        .expect("connect");
     sqlx::raw_sql(
         "CREATE FUNCTION slow_audit() RETURNS trigger LANGUAGE plpgsql AS \
              $$ BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$; \
@@ -656,13 +675,11 @@ async fn behind_a_transaction_pooling_pgbouncer_a_change_cut_short_writes_nothin
     let disable = tokio::spawn(async move { keys.disable(request).await });
     // It is cut short while writing its audit event, after the key's update.
     let reached = eventually(Duration::from_secs(5), || async {
-        let writing: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'keyward' \
-             AND state = 'active' AND query LIKE '%INSERT INTO audit_events%'",
+        let writing = keyward_backends(
+            &pg,
+            "state = 'active' AND query LIKE '%INSERT INTO audit_events%'",
         )
-        .fetch_one(&mut inspect(&pg).await)
-        .await
-        .expect("pg_stat_activity");
+        .await;
         (writing == 1).then_some(())
     })
     .await;
@@ -674,13 +691,7 @@ async fn behind_a_transaction_pooling_pgbouncer_a_change_cut_short_writes_nothin
     println!("Disable cut short: {cut:?}");
     // Once the statement in flight has ended, the connection is idle.
     let settled = eventually(Duration::from_secs(10), || async {
-        let busy: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'keyward' \
-             AND pid <> pg_backend_pid() AND state <> 'idle'",
-        )
-        .fetch_one(&mut inspect(&pg).await)
-        .await
-        .expect("pg_stat_activity");
+        let busy = keyward_backends(&pg, "state <> 'idle'").await;
         (busy == 0).then_some(())
     })
     .await;
@@ -700,12 +711,7 @@ async fn behind_a_transaction_pooling_pgbouncer_a_change_cut_short_writes_nothin
     );
     let resp = a.check_key(&minted.secret).await.expect("check");
     assert!(resp.allowed, "{resp:?}");
-    for warning in [
-        "there is already a transaction in progress",
-        "there is no transaction in progress",
-    ] {
-        assert_eq!(logs.find(warning), None, "PostgreSQL warned");
-    }
+    assert_postgres_never_warned(&logs);
 }
 
 /// Without `--listen-database-url` keyward takes the PgBouncer URL for a

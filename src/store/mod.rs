@@ -416,6 +416,20 @@ impl Store {
         }))
     }
 
+    /// A [`Tx`] for a change whose one write is a single statement, after
+    /// reads it need not lock (it checks in the statement that what it read
+    /// is unchanged). Directly, its statements each commit on their own, and
+    /// the change costs no `BEGIN` and `COMMIT` round trips: every round trip
+    /// an admin call makes waits its turn among the checks in flight, so
+    /// under a flood of checks each one counts. Behind a transaction-pooling
+    /// PgBouncer it is [`Store::begin`]'s transaction.
+    pub(crate) async fn begin_one_write(&self) -> Result<Tx, StoreError> {
+        if self.pooling {
+            return self.begin().await;
+        }
+        Ok(Tx(TxState::Statements(self.pool.acquire().await?)))
+    }
+
     /// Ends a write made on a pooled connection outside a transaction of its
     /// own. Behind a transaction-pooling PgBouncer every use of a pooled
     /// connection is one transaction (see `pool_options`), which sqlx's
@@ -631,7 +645,9 @@ async fn end_pooled(
 }
 
 /// A transaction for a change of several statements: committed by
-/// [`Tx::commit`], rolled back if dropped. Behind a transaction-pooling
+/// [`Tx::commit`], rolled back if dropped (or, from
+/// [`Store::begin_one_write`] on a direct connection, statements that each
+/// commit on their own). Behind a transaction-pooling
 /// PgBouncer the pooled connection is in a transaction already (see
 /// `pool_options`): that one is used, and its end opens the next for the
 /// release to end, so that PostgreSQL is never sent a `BEGIN` in a
@@ -640,6 +656,9 @@ pub(crate) struct Tx(TxState);
 
 enum TxState {
     Own(sqlx::Transaction<'static, Postgres>),
+    /// A direct connection outside a transaction, for a change whose one
+    /// write is a single statement: it commits on its own.
+    Statements(PoolConnection<Postgres>),
     /// `None` once committed; how long a rollback may take.
     Pooled(Option<PoolConnection<Postgres>>, Duration),
 }
@@ -649,7 +668,7 @@ impl Tx {
         match std::mem::replace(&mut self.0, TxState::Pooled(None, Duration::ZERO)) {
             TxState::Own(tx) => tx.commit().await?,
             TxState::Pooled(Some(mut conn), _) => end_pooled(&mut conn, COMMIT_POOLED).await?,
-            TxState::Pooled(None, _) => {}
+            TxState::Statements(_) | TxState::Pooled(None, _) => {}
         }
         Ok(())
     }
@@ -688,7 +707,7 @@ impl std::ops::Deref for Tx {
     fn deref(&self) -> &PgConnection {
         match &self.0 {
             TxState::Own(tx) => tx,
-            TxState::Pooled(Some(conn), _) => conn,
+            TxState::Pooled(Some(conn), _) | TxState::Statements(conn) => conn,
             TxState::Pooled(None, _) => unreachable!("a committed Tx is consumed"),
         }
     }
@@ -698,7 +717,7 @@ impl std::ops::DerefMut for Tx {
     fn deref_mut(&mut self) -> &mut PgConnection {
         match &mut self.0 {
             TxState::Own(tx) => tx,
-            TxState::Pooled(Some(conn), _) => conn,
+            TxState::Pooled(Some(conn), _) | TxState::Statements(conn) => conn,
             TxState::Pooled(None, _) => unreachable!("a committed Tx is consumed"),
         }
     }

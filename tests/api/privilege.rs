@@ -650,3 +650,71 @@ async fn the_last_active_admin_key_cannot_be_revoked_or_disabled() {
         .expect_err("last admin");
     assert_eq!(err.code(), Code::FailedPrecondition);
 }
+
+/// Revoke reads the key without a lock and writes only if the row is still
+/// the one it read. Here, between the read and the write (inside the guard,
+/// which runs between them), another admin makes the data-plane key a
+/// management key, which an owner key may not revoke: the revocation is
+/// judged again on the key as it now is, and refused, writing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_judges_a_key_changed_after_it_was_read_as_it_now_is() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use keyward::{
+        key::{KeyId, KeyRecord},
+        store::{Actor, Refusal, StoreError},
+    };
+
+    let app = spawn_app().await;
+    let minted = app.mint_for("acme").await.key.expect("key");
+    let id = KeyId::parse(&minted.id).expect("key id");
+    let judged = AtomicU32::new(0);
+    // What an owner key's Revoke asks (`Caller::may_change`).
+    let guard = |key: &KeyRecord| {
+        if judged.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(
+                    sqlx::query(
+                        "UPDATE keys SET scopes = scopes || 'keyward:owner'::text WHERE id = $1",
+                    )
+                    .bind(id.as_uuid())
+                    .execute(&app.db),
+                )
+            })
+            .expect("make it a management key");
+        }
+        if key.is_management_key() {
+            Err(Refusal::PermissionDenied("a management key".into()))
+        } else {
+            Ok(())
+        }
+    };
+    let admin = KeyId::parse(&app.admin_id).expect("admin id");
+    let result = app
+        .replica
+        .store()
+        .revoke_key(id, Some("test"), None, &guard, &Actor::key(admin, None))
+        .await;
+
+    assert!(
+        matches!(
+            result,
+            Err(StoreError::Refused(Refusal::PermissionDenied(_)))
+        ),
+        "{result:?}"
+    );
+    assert_eq!(
+        judged.load(Ordering::SeqCst),
+        2,
+        "judged as read, then as locked"
+    );
+    let key = app.get(&minted.id).await;
+    assert!(key.revoked_at.is_none(), "{key:?}");
+    assert!(key.scopes.iter().any(|s| s == "keyward:owner"));
+    let revocations: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE action = 'key.revoke'")
+            .fetch_one(&app.db)
+            .await
+            .expect("audit");
+    assert_eq!(revocations, 0);
+}

@@ -28,6 +28,13 @@ macro_rules! grant_columns {
     };
 }
 
+/// An audit event's columns, in the order `audit_key` binds them.
+macro_rules! audit_columns {
+    () => {
+        "(actor, actor_key_id, action, key_id, owner_id, details, remote_addr)"
+    };
+}
+
 /// Every column but the usage counters: [`KeyRow`].
 macro_rules! key_columns {
     () => {
@@ -590,11 +597,11 @@ impl Store {
         .await
     }
 
-    /// Revokes a key in two round trips, the fewest a revocation can take
-    /// while a flood of checks delays each of them: it reads the key without
-    /// a lock, applies `guard`, then revokes it and writes the audit event
-    /// in one statement, on condition that the row is the version it read
-    /// (`xmin`). `None` leaves it to the locked transaction: the row changed
+    /// Revokes a key in two round trips instead of the locked transaction's
+    /// five (under a flood of checks each waits its turn behind the checks
+    /// in flight): it reads the key without a lock, applies `guard`, then
+    /// revokes it and writes the audit event in one statement, on condition
+    /// that the row is still the version it read (`xmin`). `None` leaves it to the locked transaction: the row changed
     /// in between, or it is an admin key whose revocation must leave another
     /// (that takes a lock on every admin key, see `keep_an_admin`).
     #[allow(clippy::too_many_arguments)]
@@ -633,10 +640,9 @@ impl Store {
             "WITH r AS (UPDATE keys k SET revoked_at = now(), revoked_reason = $2 \
              WHERE k.id = $1 AND k.xmin = $3::text::xid AND k.revoked_at IS NULL RETURNING ",
             key_columns!(),
-            "), a AS (INSERT INTO audit_events \
-             (actor, actor_key_id, action, key_id, owner_id, details, remote_addr) \
-             SELECT $4, $5, 'key.revoke', r.id, r.owner_id, $6, $7 FROM r) \
-             SELECT * FROM r"
+            "), a AS (INSERT INTO audit_events ",
+            audit_columns!(),
+            " SELECT $4, $5, 'key.revoke', r.id, r.owner_id, $6, $7 FROM r) SELECT * FROM r"
         ))
         .bind(id.as_uuid())
         .bind(reason)
@@ -1020,8 +1026,9 @@ async fn insert_key_row(
              SELECT k.id, $23, $24, $25, CASE WHEN $24::text IS NULL THEN NULL ELSE $26::timestamptz END \
              FROM k WHERE $23::bigint IS NOT NULL \
          ), audit AS ( \
-             INSERT INTO audit_events (actor, actor_key_id, action, key_id, owner_id, details, remote_addr) \
-             SELECT $15, $16, 'key.mint', k.id, k.owner_id, $17, $19 FROM k \
+             INSERT INTO audit_events ",
+        audit_columns!(),
+        " SELECT $15, $16, 'key.mint', k.id, k.owner_id, $17, $19 FROM k \
          ) \
          SELECT ",
         key_columns!(),
@@ -1313,10 +1320,11 @@ async fn audit_key(
     owner_id: &OwnerId,
     details: serde_json::Value,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO audit_events (actor, actor_key_id, action, key_id, owner_id, details, remote_addr) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
+    sqlx::query(concat!(
+        "INSERT INTO audit_events ",
+        audit_columns!(),
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    ))
     .bind(actor.label())
     .bind(actor.key_uuid())
     .bind(action)

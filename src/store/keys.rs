@@ -601,9 +601,10 @@ impl Store {
     /// five (under a flood of checks each waits its turn behind the checks
     /// in flight): it reads the key without a lock, applies `guard`, then
     /// revokes it and writes the audit event in one statement, on condition
-    /// that the row is still the version it read (`xmin`). `None` leaves it to the locked transaction: the row changed
-    /// in between, or it is an admin key whose revocation must leave another
-    /// (that takes a lock on every admin key, see `keep_an_admin`).
+    /// that the row is still the version it read (`xmin`). `None` leaves it
+    /// to the locked transaction: the row changed in between, or it is an
+    /// admin key whose revocation must leave another (that takes a lock on
+    /// every admin key, see `keep_an_admin`).
     #[allow(clippy::too_many_arguments)]
     async fn revoke_as_read(
         &self,
@@ -615,20 +616,8 @@ impl Store {
         keep_admin: bool,
         actor: &Actor,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        use sqlx::{FromRow, Row};
         let mut tx = self.begin_one_write().await?;
-        let read = sqlx::query(concat!(
-            "SELECT ",
-            key_columns!(),
-            ", k.xmin::text AS row_version FROM keys k WHERE k.id = $1 AND ($2::text IS NULL OR k.owner_id = $2)"
-        ))
-        .bind(id.as_uuid())
-        .bind(owner.map(OwnerId::as_str))
-        .persistent(prepared())
-        .fetch_one(&mut *tx)
-        .await?;
-        let version: String = read.try_get("row_version")?;
-        let current = KeyRecord::try_from(KeyRow::from_row(&read)?)?;
+        let (current, version) = read_key(&mut tx, id, owner, Read::AsIs).await?;
         if current.revoked_at.is_some() {
             return Ok(Some(current));
         }
@@ -1289,17 +1278,50 @@ async fn lock_key(
     id: KeyId,
     owner: Option<&OwnerId>,
 ) -> Result<KeyRecord, StoreError> {
-    let row: KeyRow = sqlx::query_as(concat!(
-        "SELECT ",
-        key_columns!(),
-        " FROM keys k WHERE k.id = $1 AND ($2::text IS NULL OR k.owner_id = $2) FOR UPDATE OF k"
-    ))
-    .bind(id.as_uuid())
-    .bind(owner.map(OwnerId::as_str))
-    .persistent(prepared())
-    .fetch_one(&mut *conn)
-    .await?;
-    row.try_into()
+    Ok(read_key(conn, id, owner, Read::Locked).await?.0)
+}
+
+/// How [`read_key`] reads a key's row.
+#[derive(Clone, Copy)]
+enum Read {
+    /// Without a lock: a write that follows checks the row version.
+    AsIs,
+    /// `FOR UPDATE`, until the transaction ends.
+    Locked,
+}
+
+/// A key by id (and owner, when the caller is confined to one), with its
+/// row version (`xmin`), which changes with every update of the row.
+async fn read_key(
+    conn: &mut PgConnection,
+    id: KeyId,
+    owner: Option<&OwnerId>,
+    read: Read,
+) -> Result<(KeyRecord, String), StoreError> {
+    use sqlx::{FromRow, Row};
+    macro_rules! key_by_id {
+        ($lock:literal) => {
+            concat!(
+                "SELECT ",
+                key_columns!(),
+                ", k.xmin::text AS row_version FROM keys k \
+                 WHERE k.id = $1 AND ($2::text IS NULL OR k.owner_id = $2)",
+                $lock
+            )
+        };
+    }
+    let statement = match read {
+        Read::AsIs => key_by_id!(""),
+        Read::Locked => key_by_id!(" FOR UPDATE OF k"),
+    };
+    let row = sqlx::query(statement)
+        .bind(id.as_uuid())
+        .bind(owner.map(OwnerId::as_str))
+        .persistent(prepared())
+        .fetch_one(&mut *conn)
+        .await?;
+    let version: String = row.try_get("row_version")?;
+    Ok((KeyRow::from_row(&row)?.try_into()?, version))
 }
 
 pub(super) async fn audit(

@@ -267,6 +267,19 @@ async fn behind_bouncer(extra: &[&str]) -> (PrivatePostgres, PgBouncer, Vec<Stri
     (pg, bouncer, flags, a)
 }
 
+/// A connection straight to `pg`'s keyward database, past PgBouncer, after
+/// running `setup` on it (the tests' slow triggers).
+async fn keyward_db_with(pg: &PrivatePostgres, setup: &'static str) -> PgConnection {
+    let mut db = PgConnection::connect(&pg.url("keyward"))
+        .await
+        .expect("connect");
+    sqlx::raw_sql(setup)
+        .execute(&mut db)
+        .await
+        .expect("run the test's set-up on the database");
+    db
+}
+
 /// A replica of `a` with `flags` (from [`behind_bouncer`]).
 async fn replica_behind_bouncer(a: &TestApp, flags: &[String]) -> TestApp {
     let args: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -570,10 +583,8 @@ async fn behind_a_transaction_pooling_pgbouncer_a_write_is_committed_before_it_i
     let logs = crate::helpers::CapturedLogs::start();
     let (pg, _bouncer, flags, a) = behind_bouncer(&[]).await;
     let b = replica_behind_bouncer(&a, &flags).await;
-    let mut db = PgConnection::connect(&pg.url("keyward"))
-        .await
-        .expect("connect");
-    sqlx::raw_sql(
+    let mut db = keyward_db_with(
+        &pg,
         "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
              $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$; \
          CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT OR UPDATE ON owners \
@@ -583,9 +594,7 @@ async fn behind_a_transaction_pooling_pgbouncer_a_write_is_committed_before_it_i
          CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT OR UPDATE ON credits \
              DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();",
     )
-    .execute(&mut db)
-    .await
-    .expect("install the slow commit");
+    .await;
 
     // Mint through A for a new owner (the owner's row, then the key's):
     // both are in the database when Mint answers.
@@ -657,18 +666,14 @@ async fn behind_a_transaction_pooling_pgbouncer_a_change_cut_short_writes_nothin
     let (pg, _bouncer, _, a) = behind_bouncer(&["--db-call-timeout", "1s"]).await;
     let minted = a.mint_for("cut-short").await;
     let id = minted.key.expect("minted key").id;
-    let mut db = PgConnection::connect(&pg.url("keyward"))
-        .await
-        .expect("connect");
-    sqlx::raw_sql(
+    let mut db = keyward_db_with(
+        &pg,
         "CREATE FUNCTION slow_audit() RETURNS trigger LANGUAGE plpgsql AS \
              $$ BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$; \
          CREATE TRIGGER slow_audit BEFORE INSERT ON audit_events FOR EACH ROW \
              WHEN (NEW.action = 'key.disable') EXECUTE FUNCTION slow_audit();",
     )
-    .execute(&mut db)
-    .await
-    .expect("install the slow audit");
+    .await;
 
     let mut keys = a.keys.clone();
     let request = a.admin(pb::DisableRequest { id: id.clone() });
